@@ -1,0 +1,29 @@
+"""anomalib-dskd: knowledge-distillation anomaly detection models for anomalib.
+
+Models (registered with anomalib, so ``anomalib train --model Rd`` works after installation):
+
+* :class:`Rd` - reverse distillation (Deng & Li, CVPR 2022) over any timm CNN teacher.
+
+Importing this package is cheap: model classes are imported on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anomalib_dskd.models.rd.lightning_model import Rd
+
+__all__ = ["Rd", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    from anomalib_dskd.registration import MODELS
+
+    if name in MODELS:
+        return getattr(importlib.import_module(MODELS[name]), name)
+    msg = f"module 'anomalib_dskd' has no attribute {name!r}"
+    raise AttributeError(msg)

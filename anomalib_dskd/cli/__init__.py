@@ -1,0 +1,1 @@
+"""Command-line interface of anomalib-dskd (``anomalib-dskd`` console script)."""

@@ -1,0 +1,24 @@
+"""Backbone-generic reverse-distillation core (teacher, one-class embedding, student decoder, maps)."""
+
+from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d, cosine_distance_maps, upsample_and_sum
+from .core import InputSizeError, RdArchitecture, ReverseDistillationCore
+from .decoder import StudentDecoder
+from .loss import CosineDistillationLoss
+from .ocbe import OneClassEmbedding
+from .teacher import TESTED_BACKBONES, Teacher, TeacherBackboneError
+
+__all__ = [
+    "TESTED_BACKBONES",
+    "AnomalyMapGenerator",
+    "CosineDistillationLoss",
+    "InputSizeError",
+    "OneClassEmbedding",
+    "RdArchitecture",
+    "ReverseDistillationCore",
+    "SeparableGaussianBlur2d",
+    "StudentDecoder",
+    "Teacher",
+    "TeacherBackboneError",
+    "cosine_distance_maps",
+    "upsample_and_sum",
+]

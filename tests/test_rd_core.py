@@ -1,0 +1,163 @@
+"""The backbone-generic reverse-distillation core: shapes, frozen teacher, parity with anomalib's RD."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+
+from anomalib_dskd.components.rd import (
+    AnomalyMapGenerator,
+    CosineDistillationLoss,
+    InputSizeError,
+    ReverseDistillationCore,
+    SeparableGaussianBlur2d,
+    TeacherBackboneError,
+)
+from anomalib_dskd.models.rd import RdModel
+
+BACKBONES = ["resnet18", "mobilenetv2_100", "efficientnet_lite0", "wide_resnet50_2"]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_student_reproduces_teacher_shapes(backbone: str) -> None:
+    core = ReverseDistillationCore(backbone, pre_trained=False, input_size=(64, 96))
+    teacher_features, student_features = core(torch.randn(2, 3, 64, 96))
+    assert len(teacher_features) == len(student_features) == 3
+    for teacher, student, reduction in zip(teacher_features, student_features, (4, 8, 16), strict=True):
+        assert student.shape == teacher.shape
+        assert teacher.shape[-2:] == (64 // reduction, 96 // reduction)
+    assert core.architecture.embedding_shape((64, 96)) == (2 * teacher_features[-1].shape[1], 2, 3)
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
+    core = ReverseDistillationCore("resnet18", pre_trained=False, input_size=(64, 64))
+    core.train()
+    assert not core.teacher.training
+    assert all(not module.training for module in core.teacher.modules())
+    assert core.bottleneck.training and core.decoder.training
+    running_mean = core.teacher.model.bn1.running_mean.clone()
+    teacher_features, student_features = core(torch.randn(2, 3, 64, 64))
+    assert not teacher_features[0].requires_grad
+    CosineDistillationLoss()(teacher_features, student_features).backward()
+    assert all(p.grad is None and not p.requires_grad for p in core.teacher.parameters())
+    assert all(p.grad is not None for p in core.decoder.parameters())
+    assert torch.equal(core.teacher.model.bn1.running_mean, running_mean)  # BatchNorm stats untouched
+
+
+@pytest.mark.parametrize("mode", ["pixel", "flatten"])
+def test_loss_zero_iff_student_equals_teacher(mode: str) -> None:
+    features = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8)]
+    loss = CosineDistillationLoss(mode)
+    assert loss(features, [f.clone() for f in features]).item() == pytest.approx(0.0, abs=1e-6)
+    noisy = [f + 0.5 * torch.randn_like(f) for f in features]
+    assert loss(features, noisy).item() > 1e-3
+    assert torch.isfinite(loss(features, noisy))
+
+
+def test_pixel_loss_is_mean_cosine_distance_per_position() -> None:
+    teacher = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2): vectors (1,0) and (0,1)
+    student = torch.tensor([[[[1.0, 1.0]], [[0.0, 1.0]]]])  # (1,0)->(1,0): cos 1 ; (0,1)->(1,1): cos 1/sqrt2
+    expected = (0.0 + (1 - 2**-0.5)) / 2
+    assert CosineDistillationLoss("pixel")([teacher], [student]).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _map_anomalib_ocbe_key(key: str) -> str | None:
+    table = {"conv1": "fuse.0.0", "bn1": "fuse.0.1", "conv2": "fuse.0.3", "bn2": "fuse.0.4", "conv3": "fuse.1.0", "bn3": "fuse.1.1"}
+    head, _, rest = key.partition(".")
+    if head in {"conv4", "bn4"}:  # defined but unused in anomalib's OCBE (kept from the RD code)
+        return None
+    if head == "bn_layer":
+        return f"embed.{rest}"
+    return f"{table[head]}.{rest}"
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])
+def test_resnet_core_equals_anomalib_reverse_distillation(backbone: str) -> None:
+    """Same structure (every parameter shape) and, with the same weights, the same outputs."""
+    from anomalib.models.components.backbone import get_decoder
+    from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
+
+    core = ReverseDistillationCore(backbone, pre_trained=False, input_size=(64, 64)).eval()
+    theirs_ocbe, theirs_decoder = get_bottleneck_layer(backbone).eval(), get_decoder(backbone).eval()
+
+    ocbe_state = {}
+    for key, value in theirs_ocbe.state_dict().items():
+        ours = _map_anomalib_ocbe_key(key)
+        if ours is not None:
+            ocbe_state[ours] = value
+    assert {k: v.shape for k, v in ocbe_state.items()} == {k: v.shape for k, v in core.bottleneck.state_dict().items()}
+    core.bottleneck.load_state_dict(ocbe_state, strict=True)
+
+    decoder_state = {re.sub(r"^layer(\d)", lambda m: f"stages.{int(m.group(1)) - 1}", k): v for k, v in theirs_decoder.state_dict().items()}
+    assert {k: v.shape for k, v in decoder_state.items()} == {k: v.shape for k, v in core.decoder.state_dict().items()}
+    core.decoder.load_state_dict(decoder_state, strict=True)
+
+    features = core.teacher(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        ours = core.decoder(core.bottleneck(features))
+        theirs = theirs_decoder(theirs_ocbe(features))
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_separable_blur_equals_anomalib_blur() -> None:
+    from anomalib.models.components.filters import GaussianBlur2d
+
+    maps = torch.rand(3, 1, 70, 90)
+    theirs = GaussianBlur2d(sigma=4, kernel_size=(33, 33), channels=1)(maps)
+    ours = SeparableGaussianBlur2d(4)(maps)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert ours[0, 0].std() < maps[0, 0].std()  # it really smooths
+
+
+def test_anomaly_map_equals_anomalib_add_mode() -> None:
+    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerator as TheirMap
+
+    teacher = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)]
+    student = [t + 0.3 * torch.randn_like(t) for t in teacher]
+    theirs = TheirMap(image_size=(64, 64), mode=AnomalyMapGenerationMode.ADD)(teacher, student)
+    ours = AnomalyMapGenerator((64, 64))(teacher, student)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_returns_inference_batch() -> None:
+    model = RdModel("resnet18", pre_trained=False, input_size=(64, 64)).eval()
+    output = model(torch.randn(3, 3, 64, 64))
+    assert isinstance(output, InferenceBatch)
+    assert output.anomaly_map.shape == (3, 1, 64, 64)
+    assert output.pred_score.shape == (3,)
+    torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(1, 2, 3)))
+    model.train()
+    teacher, student = model(torch.randn(2, 3, 64, 64))
+    assert len(teacher) == len(student) == 3
+
+
+def test_unknown_backbone_names_close_matches() -> None:
+    with pytest.raises(TeacherBackboneError, match=r"Unknown backbone 'resnet19'.*resnet18"):
+        ReverseDistillationCore("resnet19", pre_trained=False)
+
+
+def test_transformer_backbone_is_refused() -> None:
+    with pytest.raises(TeacherBackboneError, match="stride doubles"):
+        ReverseDistillationCore("vit_tiny_patch16_224", pre_trained=False, input_size=(224, 224))
+
+
+@pytest.mark.parametrize("size", [(250, 256), (256, 16)])
+def test_input_size_not_multiple_of_32_is_refused(size: tuple[int, int]) -> None:
+    with pytest.raises(InputSizeError, match="multiples of 32"):
+        ReverseDistillationCore("resnet18", pre_trained=False, input_size=size)
+
+
+def test_bad_layers_are_refused() -> None:
+    with pytest.raises(TeacherBackboneError, match="increasing"):
+        ReverseDistillationCore("resnet18", layers=(3, 1), pre_trained=False)
