@@ -92,3 +92,17 @@ def test_cli_train_test_export_predict_with_bare_and_dotted_names(tiny_loco, tmp
     _anomalib("predict", "--model", "Rd", *model, "--data", str(image), "--ckpt_path", ckpt,
               "--default_root_dir", str(tmp_path / "predict"), cwd=tmp_path)
     assert list((tmp_path / "predict").rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_cli_missing_dataset_root_names_the_path(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("anomalib")
+    missing = tmp_path / "no_such_root"
+    result = subprocess.run(
+        [str(exe), "train", "--model", "Rd", "--model.backbone", "resnet18", "--model.pre_trained", "false",
+         "--data", "MVTecLOCO", "--data.root", str(missing), "--data.category", "parts",
+         "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path / "results")],
+        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300, check=False,
+    )
+    assert result.returncode != 0
+    assert f"Path does not exist: {missing / 'parts'}" in result.stderr + result.stdout
