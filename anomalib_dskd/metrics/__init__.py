@@ -1,0 +1,52 @@
+"""MVTec LOCO evaluation for anomalib: saturated per-region overlap (sPRO) and friends.
+
+anomalib metrics (usable in :class:`anomalib.metrics.Evaluator`):
+
+* :class:`SPRO` - mean saturated per-region overlap at a fixed threshold;
+* :class:`AUSPRO` - area under the sPRO curve up to an FPR integration limit (MVTec's AU-sPRO);
+* :class:`LocoImageAUROC` - image AUROC of logical or structural anomalies against good images;
+* :class:`LocoEvaluator` / :func:`loco_evaluator` - a ready :class:`~anomalib.metrics.Evaluator`
+  logging all LOCO numbers (and anomalib's pixel AUROC) from one shared state.
+
+numpy only (no torch): :func:`compute_loco_metrics` in :mod:`anomalib_dskd.metrics.spro_core`, the
+ground-truth readers in :mod:`anomalib_dskd.metrics.loco_data`. See ``docs/evaluation.md``.
+
+Attributes are imported on first access, so ``import anomalib_dskd.metrics.spro_core`` does not
+import torch or anomalib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anomalib_dskd.metrics.evaluator import LocoEvaluator, loco_evaluator
+    from anomalib_dskd.metrics.loco_data import LocoDataError
+    from anomalib_dskd.metrics.spro import AUSPRO, SPRO, LocoImageAUROC
+    from anomalib_dskd.metrics.spro_core import LocoResult, compute_loco_metrics
+
+_EXPORTS = {
+    "SPRO": "anomalib_dskd.metrics.spro",
+    "AUSPRO": "anomalib_dskd.metrics.spro",
+    "LocoImageAUROC": "anomalib_dskd.metrics.spro",
+    "LocoEvaluator": "anomalib_dskd.metrics.evaluator",
+    "loco_evaluator": "anomalib_dskd.metrics.evaluator",
+    "LocoDataError": "anomalib_dskd.metrics.loco_data",
+    "LocoResult": "anomalib_dskd.metrics.spro_core",
+    "compute_loco_metrics": "anomalib_dskd.metrics.spro_core",
+    "save_spro_curves": "anomalib_dskd.metrics.plotting",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    msg = f"module 'anomalib_dskd.metrics' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
