@@ -40,15 +40,22 @@ def _teacher_weights(args: argparse.Namespace) -> bool | str:
     return str(resolved) if not isinstance(resolved, bool) else resolved
 
 
-def build_model(name: str, pre_trained: bool | str, image_size: int):  # noqa: ANN201
+def build_model(name: str, pre_trained: bool | str, image_size: int, evaluation_dir: Path):  # noqa: ANN201
     """The demo's model and its epoch count: small ImageNet teacher, sized for a 2-core CPU."""
     from anomalib.models.components import AnomalibModule
 
-    pre_processor = AnomalibModule.configure_pre_processor((image_size, image_size))
+    from anomalib_dskd.metrics import LocoEvaluator
+
+    common = {
+        "backbone": "mobilenetv2_100",
+        "pre_trained": pre_trained,
+        "pre_processor": AnomalibModule.configure_pre_processor((image_size, image_size)),
+        "evaluator": LocoEvaluator(save_dir=evaluation_dir),
+    }
     if name == "rd":
         from anomalib_dskd import Rd
 
-        return Rd(backbone="mobilenetv2_100", pre_trained=pre_trained, pre_processor=pre_processor), 12
+        return Rd(**common), 12
     msg = f"unknown demo model {name!r}; choose from {DEMO_MODELS}"
     raise ValueError(msg)
 
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     pre_trained = _teacher_weights(args)
     seed_everything(args.seed, workers=True)
-    model, default_epochs = build_model(args.model, pre_trained, args.image_size)
+    model, default_epochs = build_model(args.model, pre_trained, args.image_size, output / "loco_evaluation")
     epochs = args.epochs or default_epochs
     datamodule = MVTecLOCO(
         root=data_root, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=args.seed,
@@ -91,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     engine.fit(model=model, datamodule=datamodule)
     train_seconds = time.perf_counter() - train_start
     results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    export_path = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=output / "export")
+    export_path = engine.export(
+        model=model, export_type=ExportType.OPENVINO, export_root=output / "export", onnx_kwargs={"opset_version": 18},
+    )
     metrics = {name: float(value) for name, value in sorted(results.items())}
     summary = {
         "model": type(model).__name__,
@@ -102,20 +111,31 @@ def run(args: argparse.Namespace) -> int:
         "metrics": metrics,
         "openvino_model": str(export_path),
         "visualisations": str(output / "results"),
+        "loco_evaluation": str(output / "loco_evaluation"),
     }
+    summary["metrics_file"] = str(output / "demo_metrics.json")
     (output / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
     _print_table(summary)
     return 0
 
 
 def _print_table(summary: dict) -> None:
-    width = max(len(name) for name in summary["metrics"]) if summary["metrics"] else 10
+    metrics = summary["metrics"]
+    limits = ("0.01", "0.05", "0.1", "0.3", "1.0")
     print()
     print(f"  {summary['model']} on synthetic LOCO data ({summary['teacher']} teacher, {summary['epochs']} epochs)")
-    print("  " + "-" * (width + 12))
-    for name, value in summary["metrics"].items():
-        print(f"  {name:<{width}}  {value:8.4f}")
-    print("  " + "-" * (width + 12))
+    header = f"  {'subset':<11} {'image AUROC':>11} " + " ".join(f"{'AU-sPRO@' + lim:>13}" for lim in limits)
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for subset in ("logical", "structural", "mean"):
+        cells = [metrics.get(f"image_AUROC_{subset}", float("nan"))]
+        cells += [metrics.get(f"AUSPRO_{subset}_{lim}", float("nan")) for lim in limits]
+        print(f"  {subset:<11} {cells[0]:>11.3f} " + " ".join(f"{value:>13.3f}" for value in cells[1:]))
+    print("  " + "-" * (len(header) - 2))
+    if "pixel_AUROC" in metrics:
+        print(f"  pixel AUROC {metrics['pixel_AUROC']:.3f}")
     print(f"  training {summary['train_seconds']} s, total {summary['total_seconds']} s")
     print(f"  OpenVINO model : {summary['openvino_model']}")
     print(f"  visualisations : {summary['visualisations']}")
+    print(f"  sPRO curves    : {summary['loco_evaluation']}")
+    print(f"  all metrics    : {summary['metrics_file']}")

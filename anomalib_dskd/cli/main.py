@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> (module, one-line help)
@@ -16,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("anomalib_dskd.cli.demo", "generate synthetic LOCO data, train, test and export a model"),
     "generate": ("anomalib_dskd.cli.generate", "write a synthetic dataset in MVTec LOCO or MVTec AD layout"),
     "evaluate-loco": ("anomalib_dskd.cli.evaluate_loco", "score anomaly maps with the MVTec LOCO sPRO protocol"),
+    "benchmark": ("anomalib_dskd.cli.benchmark", "run a models x datasets x seeds benchmark grid and write tables and plots"),
 }
 
 
@@ -46,7 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        # bad input (paths, weights, sizes): the message says what was wrong and what to do
+        if os.environ.get("ANOMALIB_DSKD_DEBUG"):
+            raise
+        print(f"anomalib-dskd {args.command}: error: {err}", file=sys.stderr)
+        print("(set ANOMALIB_DSKD_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
