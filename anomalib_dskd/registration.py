@@ -23,6 +23,9 @@ import importlib
 #: which is the path pickled in checkpoints and torch exports: keep it stable.
 MODELS: dict[str, str] = {
     "Rd": "anomalib_dskd.models.rd.lightning_model",
+    "Dskd": "anomalib_dskd.models.dskd.lightning_model",
+    "Ard": "anomalib_dskd.models.ard.lightning_model",
+    "Glance": "anomalib_dskd.models.glance.lightning_model",
 }
 
 _registered = False

@@ -12,7 +12,7 @@ and builds as many embeddings and decoders as a model needs (Dskd has two studen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,11 @@ class RdArchitecture:
         return 2 * self.channels[-1]
 
     @property
+    def fused_channels(self) -> int:
+        """Channels of the concatenated multi-scale features inside the embedding (before its stage)."""
+        return self.channels[-1] * len(self.channels)
+
+    @property
     def input_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2 * self.reductions[-1]
@@ -100,14 +105,27 @@ class RdArchitecture:
             )
             raise InputSizeError(msg)
 
-    def build_embedding(self, fused_attention: nn.Module | None = None) -> OneClassEmbedding:
-        """A new (trainable) one-class bottleneck embedding."""
+    def build_embedding(
+        self,
+        fused_attention: nn.Module | Callable[[int], nn.Module] | None = None,
+        block_attention: Callable[[int], nn.Module] | None = None,
+    ) -> OneClassEmbedding:
+        """A new (trainable) one-class bottleneck embedding.
+
+        Args:
+            fused_attention: module (or ``channels -> module`` factory, called with
+                :attr:`fused_channels`) applied to the fused multi-scale features.
+            block_attention: ``channels -> module`` factory for attention inside each embedding block.
+        """
+        if fused_attention is not None and not isinstance(fused_attention, nn.Module):
+            fused_attention = fused_attention(self.fused_channels)
         return OneClassEmbedding(
             self.channels,
             block=self.block,
             num_blocks=self.embedding_blocks,
             out_channels=self.embedding_channels,
             fused_attention=fused_attention,
+            block_attention=block_attention,
         )
 
     def build_decoder(self) -> StudentDecoder:
@@ -130,7 +148,10 @@ class ReverseDistillationCore(nn.Module):
         layers: teacher stage indices (timm ``out_indices``), default ``(1, 2, 3)``.
         pre_trained: ``True`` (timm hub), ``False`` or a local checkpoint path.
         input_size: ``(H, W)`` the model will see; checked against the teacher's strides.
-        fused_attention: optional module inside the embedding (Ard).
+        fused_attention: optional module (or ``channels -> module`` factory) applied to the fused
+            multi-scale features inside the embedding (Ard).
+        block_attention: optional ``channels -> module`` factory for attention inside each
+            embedding block (Ard).
     """
 
     def __init__(
@@ -139,14 +160,15 @@ class ReverseDistillationCore(nn.Module):
         layers: Sequence[int] = (1, 2, 3),
         pre_trained: bool | str | Path = True,
         input_size: Sequence[int] | None = (256, 256),
-        fused_attention: nn.Module | None = None,
+        fused_attention: nn.Module | Callable[[int], nn.Module] | None = None,
+        block_attention: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.teacher = Teacher(backbone, layers, pre_trained)
         self.architecture = RdArchitecture.from_teacher(self.teacher)
         self.architecture.check_input_size(input_size)
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.bottleneck = self.architecture.build_embedding(fused_attention)
+        self.bottleneck = self.architecture.build_embedding(fused_attention, block_attention)
         self.decoder = self.architecture.build_decoder()
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

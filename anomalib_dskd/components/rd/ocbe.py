@@ -9,11 +9,13 @@ has exactly the structure of anomalib's ``OCBE`` (tested side by side).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .attention import attention_block
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
@@ -45,6 +47,9 @@ class OneClassEmbedding(nn.Module):
         out_channels: output channels; default ``2 * channels[-1]`` (a ResNet's next stage).
         fused_attention: optional module applied to the concatenated multi-scale features
             before the embedding stage (used by Ard); identity by default.
+        block_attention: optional ``channels -> module`` factory; when given, every block of the
+            embedding stage applies such a module to its residual branch before the addition
+            (SE-ResNet style, :mod:`~anomalib_dskd.components.rd.attention`; used by Ard).
 
     Input: the teacher features (list, shallow to deep, strides doubling). Output:
     ``(B, out_channels, H_last / 2, W_last / 2)``.
@@ -57,10 +62,13 @@ class OneClassEmbedding(nn.Module):
         num_blocks: int = 2,
         out_channels: int | None = None,
         fused_attention: nn.Module | None = None,
+        block_attention: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         channels = list(channels)
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        if block_attention is not None:
+            block_cls = attention_block(block, block_attention)
         deepest = channels[-1]
         out_channels = out_channels or 2 * deepest
         if out_channels % block_cls.expansion:

@@ -1,0 +1,207 @@
+"""Speed, size and memory measurements of one trained model (CPU, batch 1).
+
+* :func:`torch_latency`: the whole Lightning pipeline (pre-processor, model, post-processor) in eval
+  mode under ``torch.inference_mode``, ``threads`` intra-op threads.
+* :func:`export_openvino`: anomalib's ``to_openvino`` (opset 18, fixed input size): the same pipeline.
+* :func:`quantize_int8`: NNCF post-training quantisation of the exported f32 model, calibrated on
+  ``n`` *training* (normal) images resized to the input size.
+* :func:`openvino_latency`: OpenVINO CPU plugin, ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO would
+  otherwise run f32 models in bf16 on CPUs that support it), ``INFERENCE_NUM_THREADS=threads``, latency
+  hint, one synchronous infer request.
+
+Latency = median (and 90th percentile) of ``runs`` timed calls after ``warmup`` untimed ones, on a
+random image: the models are dense CNNs / nearest-neighbour searches, whose cost does not depend on the
+pixel values. On a shared machine the numbers carry the load of other processes: the cell records the
+load average before and after (see :mod:`anomalib_dskd.benchmark.cell`).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "count_parameters",
+    "cpu_seconds",
+    "export_openvino",
+    "latency_stats",
+    "openvino_latency",
+    "openvino_size_mb",
+    "peak_rss_mb",
+    "quantize_int8",
+    "torch_latency",
+]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) used by this process so far, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def count_parameters(module: Any) -> int:  # noqa: ANN401
+    """Number of parameters (frozen teacher included; buffers such as a memory bank excluded)."""
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def latency_stats(samples_s: list[float]) -> dict[str, float]:
+    """Milliseconds: median, p90, mean, min over the timed runs."""
+    ms = sorted(1000.0 * s for s in samples_s)
+    p90 = ms[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)]
+    return {
+        "median": statistics.median(ms),
+        "p90": p90,
+        "mean": statistics.fmean(ms),
+        "min": ms[0],
+        "runs": len(ms),
+    }
+
+
+def _time_calls(call: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
+    if runs < 1:
+        msg = f"runs must be >= 1, got {runs}"
+        raise ValueError(msg)
+    for _ in range(max(0, warmup)):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return latency_stats(samples)
+
+
+def torch_latency(
+    model: Any,  # noqa: ANN401
+    image_size: tuple[int, int],
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = 2,
+) -> dict[str, float]:
+    """Batch-1 latency of the model's full inference pipeline in torch, on the CPU.
+
+    Args:
+        model: an anomalib Lightning module (its ``forward`` runs pre-processor, model, post-processor).
+        image_size: input ``(height, width)``.
+        warmup: untimed calls first.
+        runs: timed calls.
+        threads: torch intra-op threads during the measurement (restored afterwards).
+
+    Returns:
+        Latency statistics in milliseconds (see :func:`latency_stats`).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = model.cpu().eval()
+    image = torch.rand(1, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            return _time_calls(lambda: model(image), warmup, runs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def export_openvino(model: Any, export_root: Path, image_size: tuple[int, int], opset_version: int = 18) -> Path:  # noqa: ANN401
+    """Export the model (pre- and post-processing included) to OpenVINO IR, f32 weights.
+
+    Returns:
+        Path of the ``.xml`` file.
+    """
+    model = model.cpu().eval()
+    return Path(
+        model.to_openvino(
+            export_root,
+            input_size=tuple(image_size),
+            onnx_kwargs={"opset_version": int(opset_version)},
+        ),
+    )
+
+
+def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int]) -> np.ndarray:  # noqa: ANN401
+    """The first ``count`` training images, resized to the input size: ``(N, 3, H, W)`` float32 in [0, 1]."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    datamodule.setup("fit")
+    dataset = datamodule.train_data
+    images = []
+    for index in range(min(count, len(dataset))):
+        image = dataset[index].image
+        if not isinstance(image, torch.Tensor):  # pragma: no cover - anomalib always gives tensors
+            image = torch.as_tensor(np.asarray(image))
+        image = F.interpolate(image[None].float(), size=tuple(image_size), mode="bilinear", antialias=True)
+        images.append(image.clamp(0, 1).numpy())
+    if not images:
+        msg = "no training images to calibrate INT8 quantisation with"
+        raise RuntimeError(msg)
+    return np.concatenate(images).astype(np.float32)
+
+
+def quantize_int8(xml_path: Path, images: np.ndarray, output_dir: Path) -> Path:
+    """NNCF post-training INT8 quantisation of an OpenVINO model.
+
+    Args:
+        xml_path: the f32 model.
+        images: calibration images ``(N, 3, H, W)`` (one per calibration step, batch 1).
+        output_dir: where ``model.xml`` / ``model.bin`` of the INT8 model are written.
+
+    Returns:
+        Path of the INT8 ``.xml``.
+    """
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    dataset = nncf.Dataset([image[None] for image in images])
+    quantized = nncf.quantize(model, dataset, subset_size=len(images))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / "model.xml"
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def openvino_latency(
+    xml_path: Path,
+    image_size: tuple[int, int],
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = 2,
+) -> dict[str, float]:
+    """Batch-1 latency of an OpenVINO model on the CPU (f32 inference precision).
+
+    Returns:
+        Latency statistics in milliseconds (see :func:`latency_stats`).
+    """
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(str(xml_path), "CPU", config)
+    request = compiled.create_infer_request()
+    image = np.random.default_rng(0).random((1, 3, *image_size), dtype=np.float32)
+    return _time_calls(lambda: request.infer({0: image}), warmup, runs)
+
+
+def openvino_size_mb(xml_path: Path) -> float:
+    """Size on disk of an OpenVINO model (``.xml`` + ``.bin``), in MiB."""
+    xml_path = Path(xml_path)
+    files = [xml_path, xml_path.with_suffix(".bin")]
+    return sum(f.stat().st_size for f in files if f.is_file()) / (1024 * 1024)

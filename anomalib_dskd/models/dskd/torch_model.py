@@ -1,0 +1,222 @@
+"""PyTorch model of DSKD, dual-student knowledge distillation with contextual affinity.
+
+Zhang, Suganuma, Okatani, "Contextual Affinity Distillation for Image Anomaly Detection", WACV 2024.
+
+* Teacher: a frozen ImageNet CNN (paper: WideResNet50-2, stages 1-3), shared by both students.
+* Local student: reverse distillation unchanged - one-class embedding ``OCBE_loc`` and a decoder
+  mirroring the teacher (the shared core, :class:`~anomalib_dskd.components.rd.ReverseDistillationCore`).
+* Global student: its own ``OCBE_glo``, the Global Context Condensing Block, and a decoder of
+  the same structure as the local one.
+* Scoring (Eq. 8): per student, per-scale maps (cosine distance or affinity KL) upsampled to the
+  input size and summed; each standardised with the statistics held in this module's buffers;
+  added, Gaussian-smoothed; the image score is the maximum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_dskd.components.rd import InputSizeError, ReverseDistillationCore
+
+from .anomaly_map import AFFINITY, MAP_KINDS, PIXEL, DskdScoreFusion, upsampled_student_map
+from .components import GlobalContextCondensingBlock
+
+#: values of ``students``
+STUDENTS = {"both": ("local", "global"), "local": ("local",), "global": ("global",)}
+
+
+class DskdModel(nn.Module):
+    """Teacher, local student, global student (OCBE_glo -> GCCB -> decoder) and Eq. 8 scoring.
+
+    Args:
+        backbone: timm CNN teacher (paper: ``"wide_resnet50_2"``).
+        layers: teacher stage indices (timm ``out_indices``), default ``(1, 2, 3)``.
+        pre_trained: ``True`` (timm hub), ``False`` (random) or a local checkpoint path.
+        input_size: ``(H, W)`` the model sees; multiples of twice the teacher's deepest stride.
+            It also fixes the GCCB kernel (the embedding's spatial size).
+        gccb_channels: GCCB width ``g``. Defaults to ``1024`` (paper).
+        local_map / global_map: anomaly map (and loss) kind per student, ``"pixel"`` (cosine
+            distance, Eq. 1) or ``"affinity"`` (contextual-affinity KL, Eq. 6).
+        temperature: affinity softmax temperature ``T``.
+        chunk_size: query positions per affinity chunk (``None`` = direct ``N x N``).
+        sigma: Gaussian smoothing of the final map.
+        students: ``"both"`` (DSKD), or ``"local"`` / ``"global"`` for one student alone (Table 4).
+
+    Buffers (saved in checkpoints, constant-folded into exported graphs): ``map_mean`` and
+    ``map_std`` (float64, Eq. 8's mu and sigma, one entry per active student in the order of
+    :attr:`students`) and ``statistics_images`` (the number of normal images they come from;
+    ``0`` = not calibrated yet, in which case mean 0 and std 1 are used: the raw maps are added).
+
+    In train mode ``forward`` returns ``(teacher_features, local_features, global_features)``
+    (``None`` for an absent student); in eval mode an :class:`~anomalib.data.InferenceBatch`
+    with ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` ``(B,)``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[int] = (1, 2, 3),
+        pre_trained: bool | str | Path = True,
+        input_size: Sequence[int] = (256, 256),
+        gccb_channels: int = 1024,
+        local_map: str = PIXEL,
+        global_map: str = AFFINITY,
+        temperature: float = 1.0,
+        chunk_size: int | None = 1024,
+        sigma: float = 4.0,
+        students: str = "both",
+    ) -> None:
+        super().__init__()
+        if students not in STUDENTS:
+            msg = f"students must be one of {sorted(STUDENTS)}, got {students!r}."
+            raise ValueError(msg)
+        for name, kind in (("local_map", local_map), ("global_map", global_map)):
+            if kind not in MAP_KINDS:
+                msg = f"{name} must be one of {MAP_KINDS}, got {kind!r}."
+                raise ValueError(msg)
+        if temperature <= 0:
+            msg = f"temperature must be positive, got {temperature}."
+            raise ValueError(msg)
+        self.students: tuple[str, ...] = STUDENTS[students]
+        self.map_kinds = {"local": local_map, "global": global_map}
+        self.temperature = float(temperature)
+        self.chunk_size = chunk_size
+
+        # Teacher + local student (OCBE_loc + decoder): reverse distillation unchanged.
+        self.core = ReverseDistillationCore(backbone, layers, pre_trained, input_size)
+        architecture = self.core.architecture
+        self.input_size: tuple[int, int] = self.core.input_size
+        embedding_channels, height, width = architecture.embedding_shape(self.input_size)
+        # Global student: its own OCBE, the GCCB, a decoder identical in structure to the local one.
+        if "global" in self.students:
+            self.global_bottleneck = architecture.build_embedding()
+            self.gccb = GlobalContextCondensingBlock(embedding_channels, (height, width), gccb_channels)
+            self.global_decoder = architecture.build_decoder()
+        if "local" not in self.students:  # a global student alone: no local weights to train or export
+            del self.core.bottleneck, self.core.decoder
+            self.core.bottleneck = None
+            self.core.decoder = None
+
+        self.fusion = DskdScoreFusion(sigma)
+        count = len(self.students)
+        self.register_buffer("map_mean", torch.zeros(count, dtype=torch.float64))
+        self.register_buffer("map_std", torch.ones(count, dtype=torch.float64))
+        self.register_buffer("statistics_images", torch.zeros((), dtype=torch.float64))
+        self.map_mean: torch.Tensor
+        self.map_std: torch.Tensor
+        self.statistics_images: torch.Tensor
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher."""
+        return self.core.teacher
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the active students (the teacher is frozen)."""
+        modules: list[nn.Module] = []
+        if "local" in self.students:
+            modules += [self.core.bottleneck, self.core.decoder]
+        if "global" in self.students:
+            modules += [self.global_bottleneck, self.gccb, self.global_decoder]
+        return [p for module in modules for p in module.parameters()]
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether Eq. 8's statistics have been computed (else mean 0 / std 1 are used)."""
+        return bool(self.statistics_images > 0)
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor, images: int | float | torch.Tensor) -> None:
+        """Store Eq. 8's per-student mean and standard deviation (ordered as :attr:`students`)."""
+        self.map_mean.copy_(torch.as_tensor(mean, dtype=torch.float64))
+        self.map_std.copy_(torch.as_tensor(std, dtype=torch.float64))
+        self.statistics_images.fill_(float(images))
+
+    def set_input_size(self, input_size: Sequence[int]) -> None:
+        """Adapt to a new input size: rebuilds the GCCB (its kernel is the embedding size) if needed.
+
+        Used when a checkpoint's pre-processor (restored after construction) has another size than
+        the constructor's default; the GCCB's weights are then loaded from the checkpoint.
+        """
+        size = (int(input_size[0]), int(input_size[1]))
+        if size == self.input_size:
+            return
+        self.core.architecture.check_input_size(size, "Dskd")
+        self.core.input_size = size
+        self.input_size = size
+        if "global" in self.students:
+            channels, height, width = self.core.architecture.embedding_shape(size)
+            if (height, width) != self.gccb.spatial_size:
+                old = next(self.gccb.parameters())
+                self.gccb = GlobalContextCondensingBlock(
+                    channels, (height, width), self.gccb.channels, self.gccb.project
+                ).to(device=old.device, dtype=old.dtype)
+
+    def _check_size(self, images: torch.Tensor) -> None:
+        if tuple(images.shape[-2:]) != self.input_size:
+            msg = (
+                f"Dskd was built for {self.input_size[0]}x{self.input_size[1]} inputs (its GCCB kernel is the "
+                f"embedding size), got {tuple(images.shape[-2:])}. Resize images to {self.input_size} "
+                "(the pre-processor does so) or build the model for the new size."
+            )
+            raise InputSizeError(msg)
+
+    def features(
+        self,
+        images: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """``(teacher, local_student, global_student)`` features, each shallow to deep."""
+        self._check_size(images)
+        teacher = self.core.teacher(images)
+        local = self.core.decoder(self.core.bottleneck(teacher)) if "local" in self.students else None
+        glob = None
+        if "global" in self.students:
+            glob = self.global_decoder(self.gccb(self.global_bottleneck(teacher)))
+        return teacher, local, glob
+
+    def student_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw per-student maps ``M_loc`` / ``M_glo`` (upsampled, summed over scales), ``(B, 1, H, W)`` each."""
+        teacher, local, glob = self.features(images)
+        return self._maps(teacher, {"local": local, "global": glob})
+
+    def _maps(self, teacher: list[torch.Tensor], students: dict[str, list[torch.Tensor] | None]) -> list[torch.Tensor]:
+        return [
+            upsampled_student_map(
+                self.map_kinds[name], teacher, students[name], self.input_size, self.temperature, self.chunk_size
+            )
+            for name in self.students
+        ]
+
+    def predict_with_student_maps(self, images: torch.Tensor) -> tuple[InferenceBatch, dict[str, torch.Tensor]]:
+        """Eval output plus the smoothed standardised map of each student (they add up to ``anomaly_map``)."""
+        maps = self.student_maps(images)
+        mean, std = self.map_mean, self.map_std
+        anomaly_map, parts = self.fusion(maps, list(mean.unbind(0)), list(std.unbind(0)))
+        pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
+        batch = InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return batch, dict(zip(self.students, parts, strict=True))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None] | InferenceBatch:
+        """Features for the losses in train mode; Eq. 8 map and score in eval mode."""
+        if self.training:
+            return self.features(images)
+        return self.predict_with_student_maps(images)[0]
+
+
+def warn_if_uncalibrated(model: DskdModel, stage: str) -> None:
+    """Warn when Eq. 8's statistics were never computed (maps are then added unstandardised)."""
+    if not model.is_calibrated:
+        warnings.warn(
+            f"Dskd {stage}: the per-student map statistics (Eq. 8) have not been computed - run a validation "
+            "epoch (Engine.fit / Engine.validate) or Dskd.compute_statistics(dataloader) first. Using mean 0, std 1.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,198 @@
+"""Local-Net and its ImageNet teacher.
+
+Glance (Wang, Wu, Cui, Shen, "Glancing at the Patch: Anomaly Localization with Global and Local
+Feature Comparison", CVPR 2021) describes every 33x33 patch by Local-Net (supplementary Table 1:
+four convolutions with leaky ReLU of slope 5e-3 and two 2x2 max-pools, 33x33x3 -> 1x1x128). Local-Net
+is distilled from an ImageNet CNN teacher through a linear decoder to the teacher's dimension, with a
+compactness loss, as in Bergmann et al.'s "Uninformed Students" (CVPR 2020), whose 33x33 patch
+network this is.
+
+:meth:`LocalNet.grid_features` evaluates many patches of one image at once. When all patch corners
+are even, the first three layers (conv, pool, conv: 95 % of the work) are computed once densely over
+the whole image and each patch reads its window: the same arithmetic as running the patches one by
+one (a patch at an even offset sees exactly the same pooling pairs as the dense map), 3x fewer
+multiply-adds at the default 20 x 20 grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from .errors import TeacherBackboneError
+
+#: Local-Net's input patch side (supplementary Table 1).
+PATCH_SIZE = 33
+#: Negative slope of Local-Net's leaky ReLUs (supplementary Table 1).
+LOCAL_SLOPE = 5e-3
+
+
+class LocalNet(nn.Module):
+    """Local-Net: 33x33x3 patch -> ``feature_dim`` descriptor (supplementary Table 1).
+
+    ====== ============ ====== ======
+    layer  output       kernel stride
+    ====== ============ ====== ======
+    conv1  31x31x128    3x3    1
+    pool1  15x15x128    2x2    2
+    conv2  11x11x256    5x5    1
+    pool2  5x5x256      2x2    2
+    conv3  4x4x256      2x2    1
+    conv4  1x1x128      4x4    1
+    ====== ============ ====== ======
+
+    Every convolution is followed by a leaky ReLU (slope 5e-3), the last one included.
+
+    Args:
+        feature_dim: Output dimension. Defaults to ``128``.
+    """
+
+    def __init__(self, feature_dim: int = 128) -> None:
+        super().__init__()
+        self.feature_dim = int(feature_dim)
+        self.conv1 = nn.Conv2d(3, 128, 3)
+        self.conv2 = nn.Conv2d(128, 256, 5)
+        self.conv3 = nn.Conv2d(256, 256, 2)
+        self.conv4 = nn.Conv2d(256, self.feature_dim, 4)
+
+    @staticmethod
+    def _act(x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, LOCAL_SLOPE)
+
+    def _head(self, conv2_out: torch.Tensor) -> torch.Tensor:
+        """pool2, conv3, conv4 on activated conv2 windows ``(N, 256, 11, 11)`` -> ``(N, D)``."""
+        x = F.max_pool2d(conv2_out, 2, 2)
+        x = self._act(self.conv3(x))
+        x = self._act(self.conv4(x))
+        return x.flatten(1)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """Descriptors of ``(N, 3, 33, 33)`` patches -> ``(N, feature_dim)``."""
+        if patches.shape[-2:] != (PATCH_SIZE, PATCH_SIZE):
+            msg = f"Local-Net takes {PATCH_SIZE}x{PATCH_SIZE} patches, got {tuple(patches.shape[-2:])}."
+            raise ValueError(msg)
+        x = self._act(self.conv1(patches))
+        x = F.max_pool2d(x, 2, 2)
+        x = self._act(self.conv2(x))
+        return self._head(x)
+
+    def dense_grid_features(self, images: torch.Tensor, window_index: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """Descriptors of patches at even corners, sharing conv1, pool1 and conv2 across patches.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            window_index: ``(P * 11 * 11,)`` flat indices into the dense conv2 map (``H2 * W2``) of each
+                patch's 11x11 window, see :func:`dense_window_index`.
+            n_patches: ``P``.
+
+        Returns:
+            ``(B, P, feature_dim)``.
+        """
+        # channels-last throughout: max pooling is several times faster on it, and each patch window is
+        # gathered as whole rows of 256 channel values
+        x = self._act(self.conv1(images.contiguous(memory_format=torch.channels_last)))
+        x = F.max_pool2d(x, 2, 2)
+        x = self._act(self.conv2(x))  # (B, 256, H2, W2)
+        batch, channels = x.shape[:2]
+        rows = x.permute(0, 2, 3, 1).reshape(batch, -1, channels).index_select(1, window_index)
+        windows = rows.reshape(batch * n_patches, 11, 11, channels).permute(0, 3, 1, 2)
+        return self._head(windows).reshape(batch, n_patches, -1)
+
+
+def dense_window_index(corners: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Flat indices of each patch's 11x11 window in Local-Net's dense conv2 map.
+
+    Args:
+        corners: ``(P, 2)`` even top-left corners ``(y, x)``.
+        image_size: ``(H, W)``.
+
+    Returns:
+        ``(P * 121,)`` int64 indices into the flattened ``(H2, W2)`` conv2 map, ``H2 = (H - 2) // 2 - 4``.
+    """
+    if bool((corners % 2 != 0).any()):
+        msg = "dense Local-Net evaluation needs even patch corners"
+        raise ValueError(msg)
+    width2 = (image_size[1] - 2) // 2 - 4
+    offsets = torch.arange(11)
+    rows = corners[:, 0, None] // 2 + offsets  # (P, 11)
+    cols = corners[:, 1, None] // 2 + offsets
+    return (rows[:, :, None] * width2 + cols[:, None, :]).reshape(-1)
+
+
+class PatchTeacher(nn.Module):
+    """Frozen ImageNet CNN that gives the distillation target of each patch.
+
+    The patch (already normalised like the image) is resized to ``input_size`` and passed through the
+    timm classifier without its head; the globally pooled feature (e.g. 1280-d for MobileNetV2, 512-d
+    for the paper's ResNet-18) is standardised with per-channel statistics of the training patches
+    (as in "Uninformed Students"), which :meth:`set_statistics` stores in persistent buffers.
+
+    Args:
+        backbone: timm model name (a CNN; the paper uses ``"resnet18"``).
+        pre_trained: ``True`` (timm hub), ``False`` (random, tests only) or a local checkpoint path,
+            loaded by :func:`anomalib_dskd.weights.create_timm_model`.
+        input_size: Side the 33x33 patch is resized to before the teacher. ``33`` feeds it as is.
+
+    Raises:
+        TeacherBackboneError: Unknown timm name, or a model that cannot take ``input_size`` inputs.
+    """
+
+    def __init__(self, backbone: str, pre_trained: bool | str | Path = True, input_size: int = 64) -> None:
+        super().__init__()
+        from anomalib_dskd.components.rd.teacher import check_backbone_name
+        from anomalib_dskd.weights import create_timm_model
+
+        check_backbone_name(backbone)
+        self.backbone = backbone
+        self.input_size = int(input_size)
+        try:
+            self.model = create_timm_model(backbone, pre_trained=pre_trained, num_classes=0)
+            self.model.eval()
+            with torch.no_grad():
+                probe = self.model(torch.zeros(1, 3, self.input_size, self.input_size))
+        except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+            if type(err).__name__ in {"TeacherWeightsError"}:
+                raise
+            msg = (
+                f"Backbone {backbone!r} cannot serve as Glance's patch teacher at {self.input_size}x{self.input_size} "
+                f"inputs ({type(err).__name__}: {err}). Use a timm CNN such as 'mobilenetv2_100' or 'resnet18'."
+            )
+            raise TeacherBackboneError(msg) from err
+        if probe.ndim != 2:
+            msg = f"Backbone {backbone!r} does not give a pooled feature vector (got shape {tuple(probe.shape)})."
+            raise TeacherBackboneError(msg)
+        self.feature_dim = int(probe.shape[1])
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.register_buffer("mean", torch.zeros(self.feature_dim))
+        self.register_buffer("std", torch.ones(self.feature_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def train(self, mode: bool = True) -> PatchTeacher:
+        """The teacher always stays in eval mode (frozen batch-norm statistics)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def raw_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """Unstandardised teacher features of ``(N, 3, 33, 33)`` patches -> ``(N, feature_dim)``."""
+        if patches.shape[-1] != self.input_size:
+            size = (self.input_size, self.input_size)
+            patches = F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
+        return self.model(patches)
+
+    @torch.no_grad()
+    def set_statistics(self, features: torch.Tensor) -> None:
+        """Store the per-channel mean and standard deviation of raw teacher features ``(N, D)``."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp(min=1e-6))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """Standardised teacher features (the distillation target)."""
+        return (self.raw_features(patches) - self.mean) / self.std

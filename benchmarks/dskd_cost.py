@@ -1,0 +1,214 @@
+"""Cost of Dskd against plain RD on the same teacher: training step and inference, time and peak memory.
+
+Prints one table. Random teacher weights (cost does not depend on them). Times are medians, wall
+clock and process CPU time (all threads); ``OMP_WAIT_POLICY=PASSIVE`` is set. Peak memory is the
+process's peak resident set size during the measured phase minus the resident size just before
+it (Linux ``/proc/self/clear_refs``), i.e. the extra memory the phase needed.
+
+Usage (2 threads, as the targets are stated)::
+
+    CI=true python benchmarks/dskd_cost.py --backbone mobilenetv2_100 --gccb-channels 256 --batch 8
+    CI=true python benchmarks/dskd_cost.py --backbone wide_resnet50_2 --gccb-channels 1024 --batch 2 --steps 2 --runs 5
+    CI=true python benchmarks/dskd_cost.py --affinity-only   # chunked vs direct affinity loss alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("CI", "true")
+# Threads that wait sleep instead of spinning: on a shared, oversubscribed machine spinning OpenMP
+# threads burn CPU while their partner is descheduled (20x the CPU time of one thread, measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def resident_kib(field: str = "VmRSS") -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakMemory:
+    """Extra peak resident memory (MiB) of a block: peak RSS during it minus RSS before it."""
+
+    def __enter__(self) -> PeakMemory:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        self.before = resident_kib()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mib = (resident_kib("VmHWM") - self.before) / 1024
+
+
+def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, float]:  # noqa: ANN001
+    """Median wall time and median process CPU time (all threads) of ``fn``, in seconds.
+
+    On a shared machine the wall time depends on the other processes; the CPU time much less,
+    so both are reported and the ratios are given for both.
+    """
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(runs):
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def build(kind: str, args: argparse.Namespace):  # noqa: ANN201
+    from anomalib_dskd.models.dskd import Dskd
+    from anomalib_dskd.models.rd import Rd
+
+    if kind == "rd":
+        return Rd(backbone=args.backbone, pre_trained=False, loss_mode="pixel", visualizer=False, evaluator=False)
+    return Dskd(
+        backbone=args.backbone,
+        pre_trained=False,
+        gccb_channels=args.gccb_channels,
+        affinity_chunk_size=args.chunk or None,
+        visualizer=False,
+        evaluator=False,
+    )
+
+
+def train_step_fn(kind: str, module, images: torch.Tensor):  # noqa: ANN001, ANN201
+    model = module.model
+    model.train()
+    optimizer = module.configure_optimizers()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if kind == "rd":
+            loss = module.loss(*model(images))
+        else:
+            loss = module.loss(*model(images))[0]
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def openvino_fn(module, size: int, threads: int, workdir: Path):  # noqa: ANN001, ANN201
+    import openvino as ov
+
+    xml = module.to_openvino(workdir, input_size=(size, size))
+    bytes_ = sum(p.stat().st_size for p in xml.parent.iterdir() if p.suffix in {".xml", ".bin"})
+    compiled = ov.Core().compile_model(
+        str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads)}
+    )
+    request = compiled.create_infer_request()
+    image = torch.rand(1, 3, size, size).numpy()
+    return (lambda: request.infer({0: image})), bytes_
+
+
+def affinity_only(args: argparse.Namespace) -> None:
+    from anomalib_dskd.models.dskd.loss import ContextualAffinityLoss
+
+    size = args.size
+    shapes = [(24, size // 4), (32, size // 8), (96, size // 16)]  # mobilenetv2_100 stages 1-3
+    teacher = [torch.randn(args.batch, c, s, s) for c, s in shapes]
+    print(f"affinity loss + backward, mobilenetv2 feature shapes at {size}px, batch {args.batch}, {args.threads} threads")
+    print(f"{'chunk':>8} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
+    for chunk in (None, 4096, 1024, 256):
+        loss_fn = ContextualAffinityLoss(chunk_size=chunk)
+        if chunk is None:
+            from anomalib_dskd.models.dskd.anomaly_map import affinity_kl_direct
+
+            def loss_call(t, s):  # noqa: ANN001, ANN202
+                return sum(affinity_kl_direct(a, b).mean() for a, b in zip(t, s, strict=True))
+        else:
+            loss_call = loss_fn
+        student = [(t + 0.3 * torch.randn_like(t)).requires_grad_() for t in teacher]
+
+        def run() -> None:
+            loss_call(teacher, student).backward()  # noqa: B023
+
+        run()
+        with PeakMemory() as peak:
+            run()
+        seconds, cpu = median_time(run, args.runs, warmup=0)
+        print(f"{'direct' if chunk is None else chunk:>8} {seconds:8.3f} {cpu:8.3f} {peak.mib:9.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--gccb-channels", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=1024, help="affinity chunk size (0 = direct)")
+    parser.add_argument("--batch", type=int, default=8, help="training batch size")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (median)")
+    parser.add_argument("--runs", type=int, default=20, help="timed inference runs (median)")
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--affinity-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.affinity_only:
+        affinity_only(args)
+        return
+
+    rows = []
+    for kind in ("rd", "dskd"):
+        module = build(kind, args)
+        params = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        images = torch.randn(args.batch, 3, args.size, args.size)
+        step = train_step_fn(kind, module, images)
+        step()  # warm-up (allocates Adam state)
+        with PeakMemory() as train_peak:
+            step()
+        train = median_time(step, args.steps, warmup=0)
+
+        module.eval()
+        image = torch.rand(1, 3, args.size, args.size)
+        with torch.inference_mode():
+            infer = lambda: module(image)  # noqa: E731 - full pipeline: pre-processing, model, post-processing
+            infer()
+            with PeakMemory() as infer_peak:
+                infer()
+            torch_infer = median_time(infer, args.runs)
+        ov_infer, ov_bytes = (float("nan"), float("nan")), float("nan")
+        if not args.no_openvino:
+            with tempfile.TemporaryDirectory() as tmp:
+                ov_call, ov_bytes = openvino_fn(module, args.size, args.threads, Path(tmp))
+                ov_infer = median_time(ov_call, args.runs, warmup=2)
+        rows.append((kind, params, train, train_peak.mib, torch_infer, infer_peak.mib, ov_infer, ov_bytes))
+        del module, step
+
+    print(
+        f"\n{args.backbone} teacher (random weights), {args.size}x{args.size}, {args.threads} threads; "
+        f"training step at batch {args.batch} (median of {args.steps}); inference batch 1 (median of {args.runs}); "
+        f"Dskd gccb_channels={args.gccb_channels}, affinity chunk={args.chunk or 'direct'}. Times wall / process CPU."
+    )
+    print(
+        f"{'model':6} {'trainable':>10} {'train s':>15} {'train MiB':>9} {'torch ms':>15} {'torch MiB':>9} "
+        f"{'OV f32 ms':>15} {'OV MB':>7}"
+    )
+    for kind, params, train, train_mib, torch_infer, infer_mib, ov_infer, ov_bytes in rows:
+        print(
+            f"{kind:6} {params / 1e6:9.2f}M {train[0]:7.3f}/{train[1]:7.3f} {train_mib:9.0f} "
+            f"{torch_infer[0] * 1e3:7.1f}/{torch_infer[1] * 1e3:7.1f} {infer_mib:9.0f} "
+            f"{ov_infer[0] * 1e3:7.1f}/{ov_infer[1] * 1e3:7.1f} {ov_bytes / 1e6:7.1f}"
+        )
+    rd, dskd = rows
+    for label, index in (("wall", 0), ("CPU", 1)):
+        print(
+            f"ratios Dskd/RD ({label}): training step {dskd[2][index] / rd[2][index]:.2f}x (target <= 2), "
+            f"torch inference {dskd[4][index] / rd[4][index]:.2f}x, "
+            f"OpenVINO inference {dskd[6][index] / rd[6][index]:.2f}x (target <= 1.5)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Glance ("Glancing at the Patch", Wang et al., CVPR 2021): components, training stages, inference, export.
+
+Fast tests check the building blocks against brute-force references; ``slow`` tests run the anomalib
+Engine, the ``anomalib`` CLI as a subprocess and the ONNX / OpenVINO exports on tiny generated data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from anomalib.models.components import AnomalibModule
+
+from anomalib_dskd import Glance
+from anomalib_dskd.models.glance import GlanceModel
+from anomalib_dskd.models.glance.anomaly_map import IDWFusion
+from anomalib_dskd.models.glance.components import (
+    DADHead,
+    GlanceConfigError,
+    GlanceInputSizeError,
+    GlobalGridEvaluator,
+    GlobalNet,
+    LocalNet,
+    PartialConv2d,
+    PartialMaxPool2d,
+    PatchGridError,
+    StainGenerator,
+    TeacherBackboneError,
+    grid_corners,
+    hole_masks,
+    valid_global_input_sizes,
+)
+from anomalib_dskd.models.glance.loss import compactness_loss
+
+from .export_utils import assert_export_parity
+
+SIZE = (256, 256)  # the only size family Global-Net (suppl. Table 2) reduces to 1x1
+
+
+def _glance(**kwargs) -> Glance:  # noqa: ANN003
+    defaults = {
+        "backbone": "mobilenetv2_100",
+        "pre_trained": False,
+        "teacher_input_size": 33,
+        "patches_per_side": 4,
+        "local_steps": 2,
+        "global_steps": 2,
+        "local_batch_size": 4,
+        "global_batch_size": 2,
+        "teacher_stats_patches": 16,
+        "pre_processor": AnomalibModule.configure_pre_processor(SIZE),
+    }
+    defaults.update(kwargs)
+    return Glance(**defaults)
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> None:
+    """Larger random weights and biases than the default init, so that differences show."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+# ---------------------------------------------------------------------------------------------- partial conv
+@pytest.mark.parametrize(("kernel", "stride"), [(7, 2), (3, 1), (3, 2)])
+def test_partial_conv_with_all_ones_mask_is_a_plain_convolution(kernel: int, stride: int) -> None:
+    torch.manual_seed(0)
+    conv = PartialConv2d(4, 5, kernel, stride)
+    _randomise(conv)
+    x = torch.randn(2, 4, 23, 19)
+    out, mask = conv(x, torch.ones(2, 1, 23, 19))
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, stride), rtol=1e-5, atol=1e-5)
+    assert mask.shape == out.shape[:1] + (1,) + out.shape[2:]
+    assert bool((mask == 1).all())
+
+
+def test_partial_conv_ignores_masked_pixels_and_renormalises() -> None:
+    torch.manual_seed(0)
+    conv = PartialConv2d(3, 4, 3, 1)
+    _randomise(conv)
+    mask = torch.ones(1, 1, 12, 12)
+    mask[..., 3:8, 4:9] = 0
+    x = torch.randn(1, 3, 12, 12)
+    y = x + 100 * torch.randn(1, 3, 12, 12) * (1 - mask)  # change only the hidden pixels
+    out_x, upd = conv(x, mask)
+    out_y, _ = conv(y, mask)
+    torch.testing.assert_close(out_x, out_y)
+    # renormalisation: with a kernel of ones and no bias, a constant image gives 9 * c wherever the
+    # window holds a valid pixel, and 0 (hole in the updated mask) where it holds none
+    ones = PartialConv2d(1, 1, 3, 1, bias=False)
+    with torch.no_grad():
+        ones.weight.fill_(1.0)
+    out, upd = ones(torch.full((1, 1, 12, 12), 2.0), mask)
+    assert bool((upd[..., 2, 3] == 1).all()) and bool((upd[..., 3, 4] == 0).all())
+    torch.testing.assert_close(out[upd > 0], torch.full_like(out[upd > 0], 18.0))
+    assert bool((out[upd == 0] == 0).all())
+
+
+def test_mask_update_rule_matches_brute_force() -> None:
+    """Updated mask = 1 iff the window holds a valid pixel, for convolution and pooling alike."""
+    generator = torch.Generator().manual_seed(1)
+    mask = (torch.rand(1, 1, 17, 15, generator=generator) > 0.7).float()
+    for module, kernel, stride in ((PartialConv2d(1, 1, 3, 2), 3, 2), (PartialMaxPool2d(3, 2), 3, 2),
+                                   (PartialConv2d(1, 1, 7, 2), 7, 2)):
+        _, updated = module(torch.randn(1, 1, 17, 15), mask)
+        rows, cols = updated.shape[-2:]
+        expected = torch.zeros(rows, cols)
+        for i, j in itertools.product(range(rows), range(cols)):
+            expected[i, j] = float(mask[0, 0, i * stride : i * stride + kernel, j * stride : j * stride + kernel].any())
+        torch.testing.assert_close(updated[0, 0], expected)
+
+
+def test_partial_max_pool_takes_the_max_over_valid_pixels_only() -> None:
+    pool = PartialMaxPool2d(2, 2)
+    x = torch.tensor([[[[1.0, 9.0], [-3.0, -1.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    out, upd = pool(x, mask)
+    assert float(out) == 1.0 and float(upd) == 1.0  # the masked 9 does not leak
+    out, upd = pool(x, torch.zeros_like(mask))
+    assert float(out) == 0.0 and float(upd) == 0.0
+
+
+def test_global_net_mask_propagation_through_layers() -> None:
+    """The hole shrinks layer by layer exactly as the window rule says, and vanishes before the output."""
+    net = GlobalNet()
+    mask = hole_masks(SIZE, torch.tensor([[100, 60]]), 33)
+    x = torch.randn(1, 3, *SIZE)
+    holes = []
+    for name, kind, kernel, stride, _ in net.layer_specs:
+        previous = mask
+        x, mask = getattr(net, name)(x, mask)
+        # brute-force window rule on this layer's input mask
+        windows = F.max_pool2d(previous, kernel, stride)
+        torch.testing.assert_close(mask, windows)
+        holes.append(int((mask == 0).sum()))
+    # PConv0 (7x7, stride 2): outputs whose window lies inside the 33x33 hole: 14 x 14
+    assert holes[0] == 14 * 14
+    assert holes == sorted(holes, reverse=True) and holes[-1] == 0
+    assert holes[2] > 0  # still a hole after PConv1_1
+
+
+# ---------------------------------------------------------------------------------------------- networks
+def test_local_net_output_shape_and_patch_size() -> None:
+    net = LocalNet()
+    assert net(torch.randn(5, 3, 33, 33)).shape == (5, 128)
+    with pytest.raises(ValueError, match="33x33"):
+        net(torch.randn(1, 3, 64, 64))
+
+
+def test_global_net_output_shape_and_hole_content_is_invisible() -> None:
+    torch.manual_seed(0)
+    net = GlobalNet()
+    _randomise(net)
+    corners = torch.tensor([[10, 200], [111, 111]])
+    masks = hole_masks(SIZE, corners, 33)
+    images = torch.randn(2, 3, *SIZE)
+    features = net(images, masks)
+    assert features.shape == (2, 128)
+    altered = images + 50 * (1 - masks) * torch.randn_like(images)  # repaint only the patches
+    torch.testing.assert_close(net(altered, masks), features, rtol=1e-5, atol=1e-5)
+    outside = images.clone()
+    outside[:, :, 0:5, 0:5] += 5.0  # a change outside the hole does matter
+    assert not torch.allclose(net(outside, masks), features)
+
+
+def test_global_net_valid_input_sizes() -> None:
+    sizes = valid_global_input_sizes()
+    assert 256 in sizes and 224 not in sizes and 320 not in sizes
+    with pytest.raises(GlanceInputSizeError, match="243..274"):
+        GlobalNet()(torch.randn(1, 3, 224, 224), torch.ones(1, 1, 224, 224))
+
+
+def test_windowed_global_grid_equals_one_pass_per_hole() -> None:
+    torch.manual_seed(0)
+    net = GlobalNet()
+    _randomise(net)
+    corners = grid_corners(SIZE, 33, 5, align=1)
+    corners = torch.cat([corners, torch.tensor([[223, 0], [0, 223], [1, 1]])])  # borders, odd offsets
+    evaluator = GlobalGridEvaluator(net, SIZE, corners, 33)
+    images = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        fast = evaluator(images)
+        reference = torch.stack([net(image[None].expand(len(corners), -1, -1, -1), hole_masks(SIZE, corners, 33))
+                                 for image in images])
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    windowed, naive = evaluator.multiply_adds()
+    assert windowed < naive / 3
+
+
+def test_dense_local_grid_equals_per_patch_local_net() -> None:
+    torch.manual_seed(0)
+    model = GlanceModel(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=6, teacher_input_size=33)
+    _randomise(model.local_net)
+    assert model.dense_local and bool((model.corners % 2 == 0).all())
+    images = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        fast = model.grid_local_features(images, fast=True)
+        reference = model.grid_local_features(images, fast=False)
+        patches = torch.stack([images[0, :, y : y + 33, x : x + 33] for y, x in model.corners.tolist()])
+        direct = model.local_net(patches)
+    torch.testing.assert_close(reference[0], direct)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_dad_head_shape_and_probability() -> None:
+    head = DADHead()
+    logits = head(torch.randn(7, 128), torch.randn(7, 128))
+    assert logits.shape == (7, 2)
+    assert head.fc0.in_features == 256 and head.fc0.out_features == 128
+    p = head.match_probability(torch.randn(3, 128), torch.randn(3, 128))
+    assert bool(((p >= 0) & (p <= 1)).all())
+
+
+# ---------------------------------------------------------------------------------------------- stains
+@pytest.mark.parametrize("size_range", [(4.0, 8.0), (10.0, 16.0)])
+def test_stains_have_the_configured_size(size_range: tuple[float, float]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    stains = StainGenerator(size_range=size_range)
+    masks = stains.stain_masks(40, 41, 41, generator, centers=torch.full((40, 2), 20.0))
+    low, high = size_range
+    diameters = []
+    for mask in masks:
+        points = torch.nonzero(mask).float()
+        assert len(points) > 0
+        diameter = float(torch.cdist(points, points).max())
+        diameters.append(diameter)
+        assert low - 2.5 <= diameter <= high + 1e-6, (diameter, size_range)
+    assert max(diameters) > (low + high) / 2  # the range is used, not only its minimum
+
+
+def test_stains_paint_only_inside_their_mask() -> None:
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(8, 3, 33, 33)
+    stained, union = StainGenerator((4, 12), max_stains=3)(patches, generator)
+    assert stained.shape == patches.shape and union.shape == (8, 1, 33, 33)
+    changed = (stained != patches).any(dim=1, keepdim=True)
+    assert bool((changed <= union).all()) and bool(union.flatten(1).any(dim=1).all())
+    with pytest.raises(GlanceConfigError):
+        StainGenerator((8, 4))
+
+
+# ---------------------------------------------------------------------------------------------- scores, IDW
+def test_idw_reproduces_patch_scores_at_centres_and_stays_within_their_range() -> None:
+    centers = grid_corners(SIZE, 33, 6, align=2).float() + 16
+    fusion = IDWFusion(SIZE, centers, power=5)
+    scores = torch.rand(2, 36) * 10
+    maps = fusion(scores)
+    assert maps.shape == (2, 1, *SIZE)
+    at = centers.long()
+    torch.testing.assert_close(maps[:, 0, at[:, 0], at[:, 1]], scores, rtol=1e-6, atol=1e-6)
+    assert float(maps.min()) >= float(scores.min()) - 1e-5 and float(maps.max()) <= float(scores.max()) + 1e-5
+    # between two centres the nearer one dominates (power 5)
+    y, x = int(at[0, 0]), int(at[0, 1] + 1)
+    assert abs(float(maps[0, 0, y, x]) - float(scores[0, 0])) < abs(float(maps[0, 0, y, x]) - float(scores[0, 1]))
+
+
+def test_inference_scores_follow_the_paper_formula() -> None:
+    torch.manual_seed(0)
+    model = GlanceModel(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=3, teacher_input_size=33).eval()
+    for module in (model.local_net, model.global_net, model.dad):
+        _randomise(module)
+    images = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        out = model(images)
+        local = model.grid_local_features(images, fast=False)
+        glob = model.grid_global_features(images, fast=False)
+        p_match = torch.softmax(model.dad(glob, local), dim=-1)[..., 1]
+        expected = 0.8 * ((glob - local) ** 2).sum(-1) + 0.2 * (1 - p_match)
+    assert isinstance(out, InferenceBatch)
+    at = (model.corners + 16).long()
+    torch.testing.assert_close(out.anomaly_map[0, 0, at[:, 0], at[:, 1]], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.pred_score, expected.max(dim=1).values, rtol=1e-4, atol=1e-5)
+
+
+def test_compactness_loss_is_the_off_diagonal_correlation_sum() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=generator)
+    corr = torch.corrcoef(x.T)
+    torch.testing.assert_close(compactness_loss(x), corr.sum() - corr.diagonal().sum(), rtol=1e-4, atol=1e-4)
+    shared = torch.randn(64, 1, generator=generator).repeat(1, 5)
+    assert float(compactness_loss(shared)) == pytest.approx(20.0, rel=1e-3)  # all 5*4 correlations are 1
+
+
+# ---------------------------------------------------------------------------------------------- lightning
+def test_glance_is_a_direct_anomalib_module_with_paper_defaults() -> None:
+    assert AnomalibModule in Glance.__bases__
+    assert Glance.__module__ == "anomalib_dskd.models.glance.lightning_model"
+    model = _glance(local_steps=5, global_steps=7)
+    assert model.trainer_arguments["max_steps"] == 12 and model.trainer_arguments["max_epochs"] == -1
+    assert [model.stage(s) for s in (0, 4, 5, 11)] == [1, 1, 2, 2]
+    groups = {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups}
+    assert groups == {"local": 2e-4, "global": 1e-4, "dad": 1e-5}
+    loss = model.loss
+    assert (loss.lambda_k, loss.lambda_c, loss.lambda_t) == (1.0, 1.0, 0.01)
+
+
+def test_each_stage_updates_only_its_networks() -> None:
+    torch.manual_seed(0)
+    model = _glance()
+    optimizer = model.configure_optimizers()
+    images = torch.randn(3, 3, *SIZE)
+    nets = {"local": model.model.local_net, "decoder": model.model.decoder, "global": model.model.global_net,
+            "dad": model.model.dad, "teacher": model.model.teacher}
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {name: torch.cat([p.detach().flatten().clone() for p in net.parameters()]) for name, net in nets.items()}
+
+    stages = ((model.local_stage_losses, {"local", "decoder"}), (model.global_stage_losses, {"global", "dad"}))
+    for losses_fn, moved in stages:
+        before = snapshot()
+        losses = losses_fn(images)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        after = snapshot()
+        assert {name for name in nets if not torch.equal(before[name], after[name])} == moved
+    assert bool(model.model.teacher.initialized)
+    assert set(losses) >= {"loss", "loss_iad", "loss_dad"}
+
+
+def test_generic_image_folder_supplies_the_configured_share_of_stage1_patches(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "generic" / "nested"
+    folder.mkdir(parents=True)
+    for index in range(3):
+        Image.new("RGB", (300, 280), (255, 255, 255)).save(folder / f"{index}.png")
+    model = _glance(generic_image_dir=str(tmp_path / "generic"), generic_fraction=0.25)
+    patches = model._sample_patches(torch.zeros(2, 3, *SIZE), 16)  # noqa: SLF001
+    from_generic = (patches > 1.0).flatten(1).all(dim=1)  # white after ImageNet normalisation: > 1.9
+    assert patches.shape == (16, 3, 33, 33) and int(from_generic.sum()) == 4
+    with pytest.raises(GlanceConfigError, match="not a folder"):
+        _glance(generic_image_dir=str(tmp_path / "missing"))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(GlanceInputSizeError, match="243..274"):
+        _glance(pre_processor=AnomalibModule.configure_pre_processor((224, 224)))
+    with pytest.raises(PatchGridError, match="distinct patch positions"):
+        _glance(patches_per_side=300)
+    with pytest.raises(PatchGridError, match="larger than"):
+        grid_corners((20, 20), 33, 2)
+    with pytest.raises(TeacherBackboneError, match="Unknown backbone"):
+        _glance(backbone="resnet_does_not_exist")
+    with pytest.raises(GlanceConfigError):
+        _glance(lambda_t=-1)
+
+
+# ---------------------------------------------------------------------------------------------- slow
+@pytest.fixture(scope="module")
+def generated_category(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    from anomalib_dskd.data.synthetic import generate_mvtec_ad_category
+
+    root = tmp_path_factory.mktemp("glance_data")
+    category = generate_mvtec_ad_category(
+        root, category="parts", seed=0, image_size=SIZE, n_train=4, n_test_good=2, n_per_defect=1
+    ).name
+    return root, category
+
+
+@pytest.mark.slow
+def test_engine_round_trip(
+    generated_category: tuple[Path, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    root, category = generated_category
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0)
+    model = _glance(local_steps=2, global_steps=3, visualizer=False)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="anomalib_dskd.models.glance.lightning_model"):
+        engine.fit(model, datamodule=datamodule)
+    assert model.global_step == 5  # max_steps = local + global, despite max_epochs=1
+    assert "stage 2 (Global-Net + DAD head" in caplog.text
+    results = engine.test(model, datamodule=datamodule)
+    assert "image_AUROC" in results[0] and "pixel_AUROC" in results[0]
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    reloaded = Glance.load_from_checkpoint(checkpoints[0], pre_trained=False)
+    assert bool(reloaded.model.teacher.initialized)
+    torch.testing.assert_close(reloaded.model.global_net.pconv0.weight, model.model.global_net.pconv0.weight)
+
+
+@pytest.mark.slow
+def test_cli_train_round_trip(generated_category: tuple[Path, str], tmp_path: Path) -> None:
+    root, category = generated_category
+    anomalib_cli = Path(sys.executable).parent / "anomalib"
+    command = [
+        str(anomalib_cli), "train",
+        "--model", "Glance",
+        "--model.backbone", "mobilenetv2_100",
+        "--model.pre_trained", "false",
+        "--model.teacher_input_size", "33",
+        "--model.patches_per_side", "3",
+        "--model.local_steps", "2",
+        "--model.global_steps", "2",
+        "--model.local_batch_size", "4",
+        "--model.global_batch_size", "2",
+        "--model.teacher_stats_patches", "16",
+        "--data", "anomalib.data.MVTecAD",
+        "--data.root", str(root),
+        "--data.category", category,
+        "--data.train_batch_size", "4",
+        "--data.eval_batch_size", "4",
+        "--data.num_workers", "0",
+        "--default_root_dir", str(tmp_path / "results"),
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "results").rglob("*.ckpt")), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_export_onnx_openvino_match_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _glance(patches_per_side=4)
+    for module in (model.model.local_net, model.model.global_net, model.model.dad):
+        _randomise(module, scale=0.03)
+    paths = assert_export_parity(model, tmp_path, SIZE)
+    assert paths["openvino"].with_suffix(".bin").stat().st_size > 0
