@@ -57,6 +57,7 @@ __all__ = [
     "load_state_dict_file",
     "load_teacher_weights",
     "map_to_timm",
+    "normalize_pre_trained",
     "resolve_mobilenet_v2_weights",
     "sha256_file",
 ]
@@ -548,6 +549,19 @@ def load_teacher_weights(
 # ==================================================================================================
 # Creating a teacher
 # ==================================================================================================
+def normalize_pre_trained(pre_trained: bool | str | Path) -> bool | str:
+    """Normalise a model's ``pre_trained`` argument: booleans (also "true"/"false" strings) or a checkpoint path.
+
+    jsonargparse and YAML configs may hand booleans over as strings; paths become ``str`` so that
+    they are saved as plain data in checkpoints' hyper-parameters.
+    """
+    if isinstance(pre_trained, str) and pre_trained.strip().lower() in {"true", "false"}:
+        return pre_trained.strip().lower() == "true"
+    if isinstance(pre_trained, Path):
+        return str(pre_trained)
+    return pre_trained
+
+
 def create_timm_model(backbone: str, *, pre_trained: bool | str | Path, **timm_kwargs: object) -> nn.Module:
     """``timm.create_model`` with the package's three ``pre_trained`` modes.
 

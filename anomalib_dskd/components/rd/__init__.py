@@ -1,7 +1,7 @@
 """Backbone-generic reverse-distillation core (teacher, one-class embedding, student decoder, maps)."""
 
 from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d, cosine_distance_maps, upsample_and_sum
-from .core import InputSizeError, RdArchitecture, ReverseDistillationCore
+from .core import InputSizeError, RdArchitecture, ReverseDistillationCore, require_input_size
 from .decoder import StudentDecoder
 from .loss import CosineDistillationLoss
 from .ocbe import OneClassEmbedding
@@ -20,5 +20,6 @@ __all__ = [
     "Teacher",
     "TeacherBackboneError",
     "cosine_distance_maps",
+    "require_input_size",
     "upsample_and_sum",
 ]

@@ -28,6 +28,15 @@ class InputSizeError(ValueError):
     """The input size cannot be used with the teacher's feature pyramid."""
 
 
+def require_input_size(input_size: Sequence[int] | None, model_name: str, why: str = "") -> tuple[int, int]:
+    """Return ``input_size`` as ``(H, W)``, or raise :class:`InputSizeError` when the pre-processor fixes none."""
+    if input_size is None:
+        reason = f" ({why})" if why else ""
+        msg = f"{model_name} needs a fixed input size{reason}: give the pre-processor a Resize transform (e.g. 256x256)."
+        raise InputSizeError(msg)
+    return (int(input_size[0]), int(input_size[1]))
+
+
 @dataclass(frozen=True)
 class RdArchitecture:
     """Widths and depths of the OCBE and decoder, derived from a teacher.

@@ -34,7 +34,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.registration import register_class
+from anomalib_dskd.weights import normalize_pre_trained
 
 from .loss import ArdLoss
 from .torch_model import DEFAULT_ATTENTION_POSITION, DEFAULT_ATTENTION_TYPE, ArdModel
@@ -105,8 +107,8 @@ class Ard(AnomalibModule):
         self.model = ArdModel(
             backbone=backbone,
             layers=layers,
-            pre_trained=_as_path_or_bool(pre_trained),
-            input_size=input_size if input_size is not None else _missing_size(),
+            pre_trained=normalize_pre_trained(pre_trained),
+            input_size=require_input_size(input_size, "Ard"),
             sigma=sigma,
             attention_type=attention_type,
             attention_position=attention_position,
@@ -161,20 +163,6 @@ class Ard(AnomalibModule):
         return LearningType.ONE_CLASS
 
 
-def _as_path_or_bool(pre_trained: bool | str | Path) -> bool | str:
-    """Normalise ``pre_trained``: booleans (also "true"/"false" strings) or a checkpoint path."""
-    if isinstance(pre_trained, str) and pre_trained.strip().lower() in {"true", "false"}:
-        return pre_trained.strip().lower() == "true"
-    if isinstance(pre_trained, Path):
-        return str(pre_trained)
-    return pre_trained
-
-
-def _missing_size() -> tuple[int, int]:
-    from anomalib_dskd.components.rd import InputSizeError
-
-    msg = "Ard needs a fixed input size: give the pre-processor a Resize transform (e.g. 256x256)."
-    raise InputSizeError(msg)
 
 
 register_class(Ard)

@@ -38,7 +38,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.registration import register_class
+from anomalib_dskd.weights import normalize_pre_trained
 
 from .anomaly_map import AFFINITY, PIXEL
 from .loss import DskdLoss
@@ -126,8 +128,8 @@ class Dskd(AnomalibModule):
         self.model = DskdModel(
             backbone=backbone,
             layers=layers,
-            pre_trained=_as_path_or_bool(pre_trained),
-            input_size=input_size if input_size is not None else _missing_size(),
+            pre_trained=normalize_pre_trained(pre_trained),
+            input_size=require_input_size(input_size, "Dskd", "its GCCB kernel is the embedding size"),
             gccb_channels=gccb_channels,
             local_map=local_loss,
             global_map=global_loss,
@@ -380,20 +382,6 @@ class Dskd(AnomalibModule):
         return LearningType.ONE_CLASS
 
 
-def _as_path_or_bool(pre_trained: bool | str | Path) -> bool | str:
-    """Normalise ``pre_trained``: booleans (also "true"/"false" strings) or a checkpoint path."""
-    if isinstance(pre_trained, str) and pre_trained.strip().lower() in {"true", "false"}:
-        return pre_trained.strip().lower() == "true"
-    if isinstance(pre_trained, Path):
-        return str(pre_trained)
-    return pre_trained
-
-
-def _missing_size() -> tuple[int, int]:
-    from anomalib_dskd.components.rd import InputSizeError
-
-    msg = "Dskd needs a fixed input size (its GCCB kernel is the embedding size): give the pre-processor a Resize."
-    raise InputSizeError(msg)
 
 
 register_class(Dskd)

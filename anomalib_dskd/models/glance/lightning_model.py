@@ -47,6 +47,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_dskd.registration import register_class
+from anomalib_dskd.weights import normalize_pre_trained
 
 from .components import GlanceConfigError, GlanceInputSizeError
 from .loss import GlanceLoss
@@ -170,7 +171,7 @@ class Glance(AnomalibModule):
             raise GlanceInputSizeError(msg)
         self.model = GlanceModel(
             backbone=backbone,
-            pre_trained=_as_path_or_bool(pre_trained),
+            pre_trained=normalize_pre_trained(pre_trained),
             input_size=input_size,
             patches_per_side=patches_per_side,
             grid_align=grid_align,
@@ -385,15 +386,6 @@ def _check_non_negative(**values: float) -> None:
     if bad:
         msg = f"these Glance settings must be >= 0: {bad}"
         raise GlanceConfigError(msg)
-
-
-def _as_path_or_bool(pre_trained: bool | str | Path) -> bool | str:
-    """Normalise ``pre_trained``: booleans (also "true"/"false" strings) or a checkpoint path."""
-    if isinstance(pre_trained, str) and pre_trained.strip().lower() in {"true", "false"}:
-        return pre_trained.strip().lower() == "true"
-    if isinstance(pre_trained, Path):
-        return str(pre_trained)
-    return pre_trained
 
 
 register_class(Glance)

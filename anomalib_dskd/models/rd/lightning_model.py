@@ -30,7 +30,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.registration import register_class
+from anomalib_dskd.weights import normalize_pre_trained
 
 from .loss import RdLoss
 from .torch_model import RdModel
@@ -86,8 +88,8 @@ class Rd(AnomalibModule):
         self.model = RdModel(
             backbone=backbone,
             layers=layers,
-            pre_trained=_as_path_or_bool(pre_trained),
-            input_size=input_size if input_size is not None else _missing_size(),
+            pre_trained=normalize_pre_trained(pre_trained),
+            input_size=require_input_size(input_size, "Rd"),
             sigma=sigma,
         )
         self.loss = RdLoss(loss_mode)
@@ -123,20 +125,6 @@ class Rd(AnomalibModule):
         return LearningType.ONE_CLASS
 
 
-def _as_path_or_bool(pre_trained: bool | str | Path) -> bool | str:
-    """Normalise ``pre_trained``: booleans (also "true"/"false" strings) or a checkpoint path."""
-    if isinstance(pre_trained, str) and pre_trained.strip().lower() in {"true", "false"}:
-        return pre_trained.strip().lower() == "true"
-    if isinstance(pre_trained, Path):
-        return str(pre_trained)
-    return pre_trained
-
-
-def _missing_size() -> tuple[int, int]:
-    from anomalib_dskd.components.rd import InputSizeError
-
-    msg = "This model needs a fixed input size: give the pre-processor a Resize transform (e.g. 256x256)."
-    raise InputSizeError(msg)
 
 
 register_class(Rd)
