@@ -176,7 +176,9 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
     """Image AUROC, pixel AUROC and AU-PRO (fpr_limit 0.3) from anomalib's metrics on raw outputs."""
     from types import SimpleNamespace
 
-    from anomalib.metrics import AUPRO, AUROC
+    from anomalib.metrics import AUPRO
+
+    from anomalib_dskd.metrics import raw_auroc
 
     model.model.eval()
     scores, maps = [], []
@@ -190,8 +192,8 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
         gt_label=data["label"],
         gt_mask=data["mask"].squeeze(1) if data["mask"].dim() == 4 else data["mask"],
     )
-    image_auroc = AUROC(fields=["pred_score", "gt_label"])
-    pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"])
+    image_auroc = raw_auroc(["pred_score", "gt_label"])
+    pixel_auroc = raw_auroc(["anomaly_map", "gt_mask"])
     aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
     results = {}
     for name, metric in (("image_auroc", image_auroc), ("pixel_auroc", pixel_auroc), ("aupro", aupro)):

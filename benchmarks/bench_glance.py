@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/glance.json")
     parser.add_argument("--save-models", type=Path, help="folder to save each trained model's state_dict in")
+    parser.add_argument("--extra-lambda-s", type=float, nargs="*", default=[],
+                        help="also score each trained Glance with these lambda_s (inference only, no retraining)")
+    parser.add_argument("--rescore-from", type=Path,
+                        help="do not train: load Glance models saved by --save-models and score them with "
+                             "--extra-lambda-s (rows 'glance(lambda_s=X)', training time copied)")
     parser.add_argument("--speed-only", action="store_true",
                         help="only time Glance's inference paths (reference per-patch vs fast) on random images")
     return parser.parse_args(argv)
@@ -197,7 +202,9 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
     """Image AUROC, pixel AUROC, AU-PRO (fpr_limit 0.3) and throughput from raw torch outputs."""
     from types import SimpleNamespace
 
-    from anomalib.metrics import AUPRO, AUROC
+    from anomalib.metrics import AUPRO
+
+    from anomalib_dskd.metrics import raw_auroc
 
     model.eval()
     model.model.eval()
@@ -221,8 +228,8 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
     )
     results = {"images_per_s": len(data["image"]) / seconds}
     metrics = (
-        ("image_auroc", AUROC(fields=["pred_score", "gt_label"])),
-        ("pixel_auroc", AUROC(fields=["anomaly_map", "gt_mask"])),
+        ("image_auroc", raw_auroc(["pred_score", "gt_label"])),
+        ("pixel_auroc", raw_auroc(["anomaly_map", "gt_mask"])),
         ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)),
     )
     for name, metric in metrics:
@@ -275,6 +282,46 @@ def speed_breakdown(repeats: int = 3, batch: int = 4) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def score_with_lambda_s(
+    model: Any, data: dict[str, dict[str, torch.Tensor]], row: dict[str, Any], lambda_s: float, args: argparse.Namespace,  # noqa: ANN401
+) -> dict[str, Any]:
+    """Evaluate a trained Glance again with another ``lambda_s`` (the weight only acts at inference)."""
+    original = model.model.lambda_s
+    model.model.lambda_s = float(lambda_s)
+    try:
+        metrics = evaluate(model, data["test"], args.eval_batch_size)
+    finally:
+        model.model.lambda_s = original
+    new_row = {
+        "dataset": row["dataset"],
+        "model": f"glance(lambda_s={lambda_s:g})",
+        "train_seconds": row["train_seconds"],
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "latency_ms_batch1": row.get("latency_ms_batch1"),
+        "settings": {**row.get("settings", {}), "lambda_s": float(lambda_s)},
+        "train_log": [],
+    }
+    print(f"   {json.dumps({k: v for k, v in new_row.items() if k not in ('train_log', 'settings')})}", flush=True)
+    return new_row
+
+
+def rescore(args: argparse.Namespace, name: str, data: dict[str, Any], results: list[dict[str, Any]],  # noqa: ANN401
+            pre_trained: bool | str) -> None:
+    """Score the saved Glance model of dataset ``name`` with every ``--extra-lambda-s``."""
+    path = args.rescore_from / f"{name}_glance.pt"
+    row = next((r for r in results if r["dataset"] == name and r["model"] == "glance"), None)
+    if row is None or not path.is_file():
+        print(f"-- rescore: no glance row for {name} or no {path}; skipped", flush=True)
+        return
+    model = build_model("glance", args, pre_trained)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    for lambda_s in args.extra_lambda_s:
+        label = f"glance(lambda_s={lambda_s:g})"
+        results[:] = [r for r in results if not (r["dataset"] == name and r["model"] == label)]
+        results.append(score_with_lambda_s(model, data, row, lambda_s, args))
+    args.out.write_text(json.dumps({**json.loads(args.out.read_text()), "results": results}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -300,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         data = load_split(layout, root, category, transform)
         print(f"   train {len(data['train']['image'])}, test {len(data['test']['image'])} "
               f"({int(data['test']['label'].sum())} anomalous)", flush=True)
+        if args.rescore_from is not None:
+            rescore(args, name, data, results, pre_trained)
+            continue
         for model_name in args.models:
             if (name, model_name) in done:
                 print(f"-- {model_name}: already in {args.out}, skipped", flush=True)
@@ -331,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"   {json.dumps({k: v for k, v in row.items() if k != 'train_log'})}", flush=True)
             results.append(row)
+            if model_name == "glance":
+                for lambda_s in args.extra_lambda_s:
+                    results.append(score_with_lambda_s(model, data, row, lambda_s, args))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({
                 "command": " ".join([sys.executable, *sys.argv]),
@@ -341,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| dataset | model | image AUROC | pixel AUROC | AU-PRO | train s | images/s | latency ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
+        latency = r.get("latency_ms_batch1")
         print(f"| {r['dataset']} | {r['model']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} "
-              f"| {r['train_seconds']:.0f} | {r['images_per_s']:.2f} | {r['latency_ms_batch1']:.0f} |")
+              f"| {r['train_seconds']:.0f} | {r['images_per_s']:.2f} | {latency:.0f} |" if latency else "| - |")
     return 0
 
 

@@ -36,12 +36,14 @@ import torch  # noqa: E402
 
 
 def evaluator():  # noqa: ANN201
-    from anomalib.metrics import AUPRO, AUROC, Evaluator
+    from anomalib.metrics import AUPRO, Evaluator
+
+    from anomalib_dskd.metrics import raw_auroc
 
     return Evaluator(
         test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            raw_auroc(["pred_score", "gt_label"], prefix="image_"),
+            raw_auroc(["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel05_", strict=False, fpr_limit=0.05),
         ]
@@ -75,9 +77,11 @@ def raw_post_processor():  # noqa: ANN201
 
 
 def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    from torchmetrics.functional.classification import binary_auroc as auroc
+    """AUROC of raw scores (ties count one half; no sigmoid)."""
+    from anomalib_dskd.metrics.spro_core import image_auroc
 
-    return float(auroc(scores, labels.long()))
+    scores, labels = scores.double().numpy(), labels.bool().numpy()
+    return image_auroc(scores[labels], scores[~labels])
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
@@ -148,7 +152,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--gccb-channels", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)

@@ -37,7 +37,11 @@ def resident_kib(field: str = "VmRSS") -> int:
 
 
 class PeakMemory:
-    """Extra peak resident memory (MiB) of a block: peak RSS during it minus RSS before it."""
+    """Extra peak resident memory (MiB) of a block: peak RSS during it minus RSS before it.
+
+    Measured around the *first* calls: freed memory stays in the allocator's cache afterwards, so
+    later calls would show only what they need beyond it.
+    """
 
     def __enter__(self) -> PeakMemory:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -112,39 +116,52 @@ def openvino_fn(module, size: int, threads: int, workdir: Path):  # noqa: ANN001
 
 
 def affinity_only(args: argparse.Namespace) -> None:
+    """Affinity loss + backward alone, chunked vs direct; each setting in a fresh process (clean peak RSS)."""
+    import subprocess
+    import sys
+
+    if args.affinity_chunk is None:
+        print(
+            f"affinity loss + backward, mobilenetv2 feature shapes at {args.size}px, batch {args.batch}, "
+            f"{args.threads} threads (median of {args.runs}); peak = extra resident memory of the first call"
+        )
+        print(f"{'chunk':>8} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
+        for chunk in (0, 4096, 1024, 512, 128):
+            command = [sys.executable, __file__, "--affinity-only", "--affinity-chunk", str(chunk)]
+            command += ["--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+            command += ["--runs", str(args.runs)]
+            print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        return
+
+    from anomalib_dskd.models.dskd.anomaly_map import affinity_kl_direct
     from anomalib_dskd.models.dskd.loss import ContextualAffinityLoss
 
     size = args.size
     shapes = [(24, size // 4), (32, size // 8), (96, size // 16)]  # mobilenetv2_100 stages 1-3
     teacher = [torch.randn(args.batch, c, s, s) for c, s in shapes]
-    print(f"affinity loss + backward, mobilenetv2 feature shapes at {size}px, batch {args.batch}, {args.threads} threads")
-    print(f"{'chunk':>8} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
-    for chunk in (None, 4096, 1024, 256):
-        loss_fn = ContextualAffinityLoss(chunk_size=chunk)
-        if chunk is None:
-            from anomalib_dskd.models.dskd.anomaly_map import affinity_kl_direct
+    student = [(t + 0.3 * torch.randn_like(t)).requires_grad_() for t in teacher]
+    chunk = args.affinity_chunk
+    if chunk == 0:
 
-            def loss_call(t, s):  # noqa: ANN001, ANN202
-                return sum(affinity_kl_direct(a, b).mean() for a, b in zip(t, s, strict=True))
-        else:
-            loss_call = loss_fn
-        student = [(t + 0.3 * torch.randn_like(t)).requires_grad_() for t in teacher]
+        def loss_call(t, s):  # noqa: ANN001, ANN202
+            return sum(affinity_kl_direct(a, b).mean() for a, b in zip(t, s, strict=True))
+    else:
+        loss_call = ContextualAffinityLoss(chunk_size=chunk)
 
-        def run() -> None:
-            loss_call(teacher, student).backward()  # noqa: B023
+    def run() -> None:
+        loss_call(teacher, student).backward()
 
+    with PeakMemory() as peak:
         run()
-        with PeakMemory() as peak:
-            run()
-        seconds, cpu = median_time(run, args.runs, warmup=0)
-        print(f"{'direct' if chunk is None else chunk:>8} {seconds:8.3f} {cpu:8.3f} {peak.mib:9.0f}")
+    seconds, cpu = median_time(run, args.runs, warmup=0)
+    print(f"{'direct' if chunk == 0 else chunk:>8} {seconds:8.3f} {cpu:8.3f} {peak.mib:9.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="mobilenetv2_100")
     parser.add_argument("--gccb-channels", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=1024, help="affinity chunk size (0 = direct)")
+    parser.add_argument("--chunk", type=int, default=512, help="affinity chunk size (0 = direct)")
     parser.add_argument("--batch", type=int, default=8, help="training batch size")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -152,6 +169,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed inference runs (median)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--affinity-only", action="store_true")
+    parser.add_argument("--affinity-chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -165,8 +183,8 @@ def main() -> None:
         params = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
         images = torch.randn(args.batch, 3, args.size, args.size)
         step = train_step_fn(kind, module, images)
-        step()  # warm-up (allocates Adam state)
-        with PeakMemory() as train_peak:
+        with PeakMemory() as train_peak:  # first steps: activations, gradients and the Adam state
+            step()
             step()
         train = median_time(step, args.steps, warmup=0)
 
@@ -174,7 +192,6 @@ def main() -> None:
         image = torch.rand(1, 3, args.size, args.size)
         with torch.inference_mode():
             infer = lambda: module(image)  # noqa: E731 - full pipeline: pre-processing, model, post-processing
-            infer()
             with PeakMemory() as infer_peak:
                 infer()
             torch_infer = median_time(infer, args.runs)

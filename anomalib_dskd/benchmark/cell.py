@@ -128,13 +128,18 @@ def build_evaluator(spec: CellSpec, cell_dir: Path) -> tuple[Any, list[str]]:
     """
     from anomalib.metrics import AUPRO, AUROC, Evaluator
 
+    from anomalib_dskd.metrics.raw import raw_auroc
+
     evaluation = spec.evaluation
     raw = bool(evaluation["raw_predictions"])
 
+    # raw scores are not in [0, 1]: torchmetrics' default sigmoid would turn them into ties
+    auroc = raw_auroc if raw else AUROC
+
     def common(pixel_auroc: bool) -> list[Any]:
-        metrics = [AUROC(fields=["pred_score", "gt_label"], prefix="image_")]
+        metrics = [auroc(fields=["pred_score", "gt_label"], prefix="image_")]
         if pixel_auroc:
-            metrics.append(AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
+            metrics.append(auroc(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
         metrics.append(AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=float(evaluation["aupro_fpr_limit"]), strict=False))
         return metrics
 

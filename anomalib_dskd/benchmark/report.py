@@ -39,6 +39,7 @@ CSV_COLUMNS = (
     "cell_id", "model", "model_class", "source", "dataset", "dataset_format", "seed", "status", "error",
     "family", "epochs_budget", "steps_budget", "epochs_run", "steps_run", "teacher", "teacher_note", *METRIC_COLUMNS,
     "fit_s", "epoch_s", "test_s", "latency_torch_ms", "latency_openvino_f32_ms", "latency_openvino_int8_ms",
+    "latency_torch_min_ms", "latency_openvino_f32_min_ms", "latency_openvino_int8_min_ms",
     "peak_rss_mb", "peak_rss_train_test_mb", "params_m", "openvino_f32_mb", "openvino_int8_mb",
     "train_images", "test_images", "cell_s", "cell_cpu_s", "load_avg_start", "load_avg_end", "started_at", "finished_at",
 )  # fmt: skip
@@ -91,6 +92,9 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
         "latency_torch_ms": _get(result, "latency_ms", "torch", "median"),
         "latency_openvino_f32_ms": _get(result, "latency_ms", "openvino_f32", "median"),
         "latency_openvino_int8_ms": _get(result, "latency_ms", "openvino_int8", "median"),
+        "latency_torch_min_ms": _get(result, "latency_ms", "torch", "min"),
+        "latency_openvino_f32_min_ms": _get(result, "latency_ms", "openvino_f32", "min"),
+        "latency_openvino_int8_min_ms": _get(result, "latency_ms", "openvino_int8", "min"),
         "peak_rss_mb": _get(result, "memory_mb", "peak_rss"),
         "peak_rss_train_test_mb": _get(result, "memory_mb", "peak_rss_train_test"),
         "params_m": None if params is None else params / 1e6,
@@ -287,7 +291,9 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:  # no
         f"Latency: batch 1, {settings.get('threads', '?')} threads, median of {settings.get('runs', '?')} runs after "
         f"{settings.get('warmup', '?')} warm-up runs, whole pipeline (pre-processing, model, post-processing) on the CPU; "
         "OpenVINO with f32 inference precision, INT8 = NNCF post-training quantisation calibrated on training images. "
-        "Training: wall time of `Engine.fit` (validation included) and mean time per training epoch. "
+        "Training: s / epoch = time of one pass over the training images (validation excluded; for a step budget, "
+        "time per batch x batches per epoch), fit s = wall time of `Engine.fit` (validation and memory-bank "
+        "building included). "
         "Peak memory: maximum resident set size of the cell's process during training and testing. "
         "Parameters include the frozen teacher; memory banks are buffers, counted in the exported size."
         + (f" Measured on the {', '.join(speed_datasets)} cell(s)." if speed_datasets else ""),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib.metrics import AUROC, AnomalibMetric, Evaluator
+from anomalib_dskd.metrics.raw import raw_auroc
 from anomalib_dskd.metrics.spro import AUSPRO, LocoImageAUROC, _LocoState
 from anomalib_dskd.metrics.spro_core import DEFAULT_INTEGRATION_LIMITS
 
@@ -94,7 +95,9 @@ class LocoEvaluator(Evaluator):
                 metrics.append(AUSPRO(integration_limit=limit, subset=subset, source=source, **options))
             metrics.append(source if limit == headline else AUSPRO(integration_limit=limit, source=source, **options))
         if pixel_auroc:
-            metrics.append(AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
+            # raw maps are not in [0, 1]: no sigmoid (see anomalib_dskd.metrics.raw)
+            auroc = raw_auroc if raw_predictions else AUROC
+            metrics.append(auroc(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
         super().__init__(val_metrics=val_metrics, test_metrics=metrics, compute_on_cpu=compute_on_cpu)
         # identity, not ==: torchmetrics overloads == to build compositional metrics
         self._source_index = next(i for i, m in enumerate(metrics) if m is source)

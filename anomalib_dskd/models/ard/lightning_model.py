@@ -61,7 +61,8 @@ class Ard(AnomalibModule):
         loss_mode: cosine loss form, ``"flatten"`` (official RD code and anomalib) or ``"pixel"``
             (RD Eq. 2).
         sigma: Gaussian smoothing of the anomaly map. Defaults to ``4``.
-        lr: Adam learning rate. Defaults to ``0.001`` (ARD supplementary).
+        lr: Adam learning rate. Defaults to ``0.001`` (ARD supplementary, for 200 epochs); for short
+            schedules ``0.005`` (RD's) measured better (``docs/models/ard.md``).
         betas: Adam betas. Defaults to ``(0.5, 0.999)`` (RD's official code; ARD does not say).
         pre_processor: pre-processor or flag for the default (resize 256x256 + ImageNet norm).
         post_processor: post-processor or flag for the default (:meth:`configure_post_processor`).

@@ -20,10 +20,18 @@ are computed for ``chunk_size`` query positions at a time, so the extra memory i
 that row gradient in the same chunked pass as the forward and keeps only it (``B x N x C``, the
 size of the features) for backward, instead of letting autograd keep every chunk's ``N``-wide
 intermediates (which would bring back the ``O(B * N^2)`` memory that chunking was meant to avoid).
+
+Speed. On a CPU the ``N x N`` blocks are the cost, so each is touched three times only (form the
+logits with one product, exponentiate in place, reduce with one product against ``[t, 1]``); the
+teacher's symmetric block matrix is formed above the diagonal only; keys are contiguous (2.6x
+faster products than a transposed view) and the exponential is ``exp2`` on base-2 logits (2x
+faster than ``exp``). With MobileNetV2 features at 256x256 (batch 8, one thread, CPU time) the loss
+and its gradient take 0.6 s (1.3 s before the last two changes).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +47,8 @@ AFFINITY = "affinity"
 MAP_KINDS = (PIXEL, AFFINITY)
 
 _EPS = 1e-8
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
 
 
 def flatten_normalise(features: torch.Tensor) -> torch.Tensor:
@@ -118,50 +128,84 @@ def _extended_keys(teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return teacher.transpose(1, 2), torch.cat([teacher, ones], dim=-1)
 
 
+def _exp_logits(
+    rows: torch.Tensor, keys: torch.Tensor, inverse: float, shifted: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``exp(rows @ keys / T)`` for a block, optionally shifted by each row's maximum.
+
+    Returns ``(e, shift)``, the shift in natural-log units (``None`` when unshifted). In eager
+    mode the logits are formed in base 2 (the ``1 / ln 2`` folded into the small ``rows``) and
+    ``exp2`` is used: same values, about twice as fast as ``exp`` on CPU. Exported graphs use
+    ``exp`` (ONNX has no base-2 exponential).
+    """
+    if torch.compiler.is_compiling():
+        logits = torch.matmul(rows * inverse, keys)
+        if not shifted:
+            return logits.exp_(), None
+        shift = logits.amax(dim=-1)
+        return logits.sub_(shift.unsqueeze(-1)).exp_(), shift
+    logits = torch.matmul(rows * (inverse * _LOG2E), keys)
+    if not shifted:
+        return logits.exp2_(), None
+    shift = logits.amax(dim=-1)
+    return logits.sub_(shift.unsqueeze(-1)).exp2_(), shift * _LN2
+
+
+def _teacher_block_size(chunk_size: int, num: int) -> int:
+    """Side of the square teacher blocks: about ``sqrt(chunk * N)``, so a block holds no more than a
+    ``chunk x N`` student block (same memory bound) while keeping the number of blocks small."""
+    return min(num, max(chunk_size, math.isqrt(chunk_size * num)))
+
+
 def _teacher_context(
-    teacher: torch.Tensor, temperature: float, chunk_size: int
+    teacher: torch.Tensor, ext_t: torch.Tensor, keys: torch.Tensor, temperature: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher-only terms of every row: ``(P t (B, N, C), sum_j e_T,ij (B, N), shift or None)``.
 
-    ``e_T = exp(t t^T / T)`` is symmetric, so only the blocks on and above the diagonal
-    are computed; each off-diagonal block serves its rows and (transposed) its columns. That
-    halves the teacher's exponentials; memory is one ``chunk x chunk`` block per image.
-    Below ``T = 0.05`` rows use their own maximum as shift, which breaks the symmetry: full rows.
+    ``e_T = exp(t t^T / T)`` is symmetric, so only the blocks on and above the diagonal are formed;
+    each off-diagonal block serves its rows and (transposed) its columns - half the teacher's
+    exponentials. Below ``T = 0.05`` each row is shifted by its own maximum, which breaks the
+    symmetry: full rows then.
+
+    Args:
+        teacher: ``(B, N, C)`` unit rows.
+        ext_t: ``(B, C + 1, N)``: ``[t, 1]`` transposed and contiguous; ``ext_t @ e^T`` gives
+            ``sum_j e_ij t_j`` and ``sum_j e_ij`` for every row ``i`` of a block in one product.
+        keys: ``(B, C, N)`` contiguous ``t`` transposed.
     """
-    batch, num, channels = teacher.shape
+    num, channels = teacher.shape[1], teacher.shape[2]
     inverse = 1.0 / temperature
-    ext = torch.cat([teacher, teacher.new_ones(batch, num, 1)], dim=-1)
-    starts = list(range(0, num, chunk_size))
     shift: torch.Tensor | None = None
     if temperature >= _FIXED_SHIFT_MIN_TEMPERATURE:
+        side = _teacher_block_size(chunk_size, num)
+        starts = list(range(0, num, side))
         pending: dict[int, list[torch.Tensor]] = {start: [] for start in starts}
         for index, row in enumerate(starts):
-            rows = teacher[:, row : row + chunk_size] * inverse
+            rows = teacher[:, row : row + side]
             for col in starts[index:]:
-                block = torch.matmul(rows, teacher[:, col : col + chunk_size].transpose(1, 2)).exp_()
-                pending[row].append(torch.matmul(block, ext[:, col : col + chunk_size]))
+                block, _ = _exp_logits(rows, keys[:, :, col : col + side], inverse, shifted=False)
+                pending[row].append(torch.matmul(ext_t[:, :, col : col + side], block.transpose(1, 2)))
                 if col != row:
-                    pending[col].append(torch.matmul(block.transpose(1, 2), ext[:, row : row + chunk_size]))
-        weighted = torch.cat([torch.stack(pending[start]).sum(0) for start in starts], dim=1)
+                    pending[col].append(torch.matmul(ext_t[:, :, row : row + side], block))
+        weighted = torch.cat([torch.stack(pending[start]).sum(0) for start in starts], dim=2)  # (B, C+1, N)
     else:
-        keys = teacher.transpose(1, 2)
         pieces, shifts = [], []
-        for row in starts:
-            block, row_shift = _shifted_exp(teacher[:, row : row + chunk_size], keys, inverse, fixed=False)
-            pieces.append(torch.matmul(block, ext))
+        for row in range(0, num, chunk_size):
+            block, row_shift = _exp_logits(teacher[:, row : row + chunk_size], keys, inverse, shifted=True)
+            pieces.append(torch.matmul(ext_t, block.transpose(1, 2)))
             shifts.append(row_shift)
-        weighted = torch.cat(pieces, dim=1)
+        weighted = torch.cat(pieces, dim=2)
         shift = torch.cat(shifts, dim=1)
-    total = weighted[..., channels]
-    return weighted[..., :channels] / total.unsqueeze(-1), total, shift
+    total = weighted[:, channels]
+    return (weighted[:, :channels] / total.unsqueeze(1)).transpose(1, 2), total, shift
 
 
 def _student_block(
     student_rows: torch.Tensor,
     teacher_rows: torch.Tensor,
     context: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    teacher_keys: torch.Tensor,
-    teacher_ext: torch.Tensor,
+    keys: torch.Tensor,
+    ext_t: torch.Tensor,
     temperature: float,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,17 +215,17 @@ def _student_block(
     """
     pt, sum_t, shift_t = context
     channels = student_rows.shape[-1]
-    fixed = shift_t is None
-    exp_s, shift_s = _shifted_exp(student_rows, teacher_keys, 1.0 / temperature, fixed)
+    shifted = shift_t is not None
+    exp_s, shift_s = _exp_logits(student_rows, keys, 1.0 / temperature, shifted)
     if need_grad:
-        weighted_s = torch.matmul(exp_s, teacher_ext)
-        sum_s = weighted_s[..., channels]
-        qt = weighted_s[..., :channels] / sum_s.unsqueeze(-1)
+        weighted_s = torch.matmul(ext_t, exp_s.transpose(1, 2))  # (B, C + 1, n)
+        sum_s = weighted_s[:, channels]
+        qt = (weighted_s[:, :channels] / sum_s.unsqueeze(1)).transpose(1, 2)
     else:
         sum_s = exp_s.sum(-1)
         qt = None
     log_ratio = torch.log(sum_t / sum_s)
-    if not fixed:
+    if shifted:
         log_ratio = log_ratio + shift_t - shift_s
     kl = ((teacher_rows - student_rows) * pt).sum(-1) * temperature - log_ratio * temperature**2
     grad = (qt - pt) * temperature if qt is not None else None
@@ -193,14 +237,15 @@ def _chunked_kl(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row KL ``(B, N)`` and, if asked, ``dKL_i/ds_i`` ``(B, N, C)``, chunk by chunk (no autograd graph)."""
     num = student.shape[1]
-    keys, ext = _extended_keys(teacher)
-    pt, sum_t, shift_t = _teacher_context(teacher, temperature, chunk_size)
+    keys = teacher.transpose(1, 2).contiguous()
+    ext_t = torch.cat([keys, keys.new_ones(keys.shape[0], 1, num)], dim=1)
+    pt, sum_t, shift_t = _teacher_context(teacher, ext_t, keys, temperature, chunk_size)
     kl_pieces, grad_pieces = [], []
     for start in range(0, num, chunk_size):
         rows = slice(start, start + chunk_size)
         context = (pt[:, rows], sum_t[:, rows], None if shift_t is None else shift_t[:, rows])
         block_kl, block_grad = _student_block(
-            student[:, rows], teacher[:, rows], context, keys, ext, temperature, need_grad
+            student[:, rows], teacher[:, rows], context, keys, ext_t, temperature, need_grad
         )
         kl_pieces.append(block_kl)
         if block_grad is not None:
@@ -262,7 +307,7 @@ def affinity_kl(
     teacher: torch.Tensor,
     student: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = 512,
 ) -> torch.Tensor:
     """Per-position contextual-affinity KL (Eq. 6) of one scale, ``(B, h, w)``.
 
@@ -319,7 +364,7 @@ def affinity_kl_maps(
     teacher_features: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
     temperature: float = 1.0,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = 512,
 ) -> list[torch.Tensor]:
     """Per-scale affinity KL maps, each ``(B, 1, h_l, w_l)`` (the global student's ``M_glo^l``)."""
     return [
@@ -333,7 +378,7 @@ def student_score_maps(
     teacher_features: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
     temperature: float = 1.0,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = 512,
 ) -> list[torch.Tensor]:
     """Per-scale maps of one student: cosine distance (``"pixel"``, Eq. 1) or affinity KL (``"affinity"``, Eq. 6)."""
     if kind == PIXEL:
@@ -386,7 +431,7 @@ def upsampled_student_map(
     student_features: Sequence[torch.Tensor],
     image_size: tuple[int, int],
     temperature: float = 1.0,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = 512,
 ) -> torch.Tensor:
     """One student's ``M = sum_l upsample(M^l)`` at the input size, ``(B, 1, H, W)`` (before standardisation)."""
     return upsample_and_sum(student_score_maps(kind, teacher_features, student_features, temperature, chunk_size), image_size)

@@ -70,7 +70,7 @@ class Dskd(AnomalibModule):
         global_loss: ``"affinity"`` (default) or ``"pixel"`` for the global student.
         temperature: affinity temperature ``T``. Defaults to ``1``.
         affinity_chunk_size: query positions per affinity chunk (memory ``O(B * chunk * N)``);
-            ``None`` computes the ``N x N`` affinities at once. Defaults to ``1024``.
+            ``None`` computes the ``N x N`` affinities at once. Defaults to ``512``.
         students: ``"both"`` (default, DSKD), ``"local"`` or ``"global"`` (one student alone, Table 4).
         statistics_source: where Eq. 8's mean / std come from. ``"validation"`` (default, paper):
             the normal images (``gt_label == 0``) of the validation set, recomputed at the start of
@@ -101,7 +101,7 @@ class Dskd(AnomalibModule):
         local_loss: str = PIXEL,
         global_loss: str = AFFINITY,
         temperature: float = 1.0,
-        affinity_chunk_size: int | None = 1024,
+        affinity_chunk_size: int | None = 512,
         students: str = "both",
         statistics_source: str = "validation",
         sigma: float = 4.0,

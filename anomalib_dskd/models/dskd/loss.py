@@ -37,7 +37,7 @@ class ContextualAffinityLoss(nn.Module):
             ``O(B * N^2)``); ``None`` = direct form. Same value and gradient either way.
     """
 
-    def __init__(self, temperature: float = 1.0, chunk_size: int | None = 1024) -> None:
+    def __init__(self, temperature: float = 1.0, chunk_size: int | None = 512) -> None:
         super().__init__()
         if temperature <= 0:
             msg = f"temperature must be positive, got {temperature}."
@@ -53,7 +53,7 @@ class ContextualAffinityLoss(nn.Module):
         return loss
 
 
-def build_student_loss(kind: str, temperature: float = 1.0, chunk_size: int | None = 1024) -> nn.Module:
+def build_student_loss(kind: str, temperature: float = 1.0, chunk_size: int | None = 512) -> nn.Module:
     """``"pixel"`` -> :class:`PerPixelCosineLoss`, ``"affinity"`` -> :class:`ContextualAffinityLoss`."""
     if kind == PIXEL:
         return PerPixelCosineLoss()
@@ -79,7 +79,7 @@ class DskdLoss(nn.Module):
         local_loss: str | None = PIXEL,
         global_loss: str | None = AFFINITY,
         temperature: float = 1.0,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = 512,
     ) -> None:
         super().__init__()
         self.local_loss = build_student_loss(local_loss, temperature, chunk_size) if local_loss else None

@@ -68,7 +68,7 @@ class DskdModel(nn.Module):
         local_map: str = PIXEL,
         global_map: str = AFFINITY,
         temperature: float = 1.0,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = 512,
         sigma: float = 4.0,
         students: str = "both",
     ) -> None:
