@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-DEMO_MODELS = ("rd",)
+DEMO_MODELS = ("dskd", "rd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,11 @@ def build_model(name: str, pre_trained: bool | str, image_size: int, evaluation_
         "pre_processor": AnomalibModule.configure_pre_processor((image_size, image_size)),
         "evaluator": LocoEvaluator(save_dir=evaluation_dir),
     }
+    if name == "dskd":
+        from anomalib_dskd import Dskd
+
+        # configs/model/dskd_small.yaml's GCCB width (g = 256: 8.5M weights instead of 134M at the paper's 1024)
+        return Dskd(gccb_channels=256, **common), 12
     if name == "rd":
         from anomalib_dskd import Rd
 

@@ -21,11 +21,8 @@ CLI: ``anomalib train --model Ard --model.attention_type cbam --data MVTecAD ...
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -35,6 +32,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_dskd.components.rd.core import require_input_size
+from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
@@ -42,7 +40,7 @@ from .loss import ArdLoss
 from .torch_model import DEFAULT_ATTENTION_POSITION, DEFAULT_ATTENTION_TYPE, ArdModel
 
 
-class Ard(AnomalibModule):
+class Ard(ReverseDistillationDefaults, AnomalibModule):
     """Reverse distillation with an attention one-class embedding (ARD).
 
     Args:
@@ -152,18 +150,6 @@ class Ard(AnomalibModule):
             image_sensitivity=0.5,
             pixel_sensitivity=0.5,
         )
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """ARD trains without gradient clipping and needs no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS
-
-
 
 
 register_class(Ard)

@@ -129,14 +129,16 @@ def _extended_keys(teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _exp_logits(
-    rows: torch.Tensor, keys: torch.Tensor, inverse: float, shifted: bool
+    rows: torch.Tensor, keys: torch.Tensor, inverse: float, shifted: bool, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``exp(rows @ keys / T)`` for a block, optionally shifted by each row's maximum.
 
     Returns ``(e, shift)``, the shift in natural-log units (``None`` when unshifted). In eager
     mode the logits are formed in base 2 (the ``1 / ln 2`` folded into the small ``rows``) and
     ``exp2`` is used: same values, about twice as fast as ``exp`` on CPU. Exported graphs use
-    ``exp`` (ONNX has no base-2 exponential).
+    ``exp`` (ONNX has no base-2 exponential). ``out``: a reusable block buffer of the result's
+    shape (eager mode only): a fresh multi-MiB block per chunk costs page faults when the allocator
+    returns it to the OS in between (measured: 56 instead of 25 ms for the 64x64 scale of one image).
     """
     if torch.compiler.is_compiling():
         logits = torch.matmul(rows * inverse, keys)
@@ -144,11 +146,22 @@ def _exp_logits(
             return logits.exp_(), None
         shift = logits.amax(dim=-1)
         return logits.sub_(shift.unsqueeze(-1)).exp_(), shift
-    logits = torch.matmul(rows * (inverse * _LOG2E), keys)
+    size = (*rows.shape[:-1], keys.shape[-1])
+    if out is not None and out.shape == size and out.dtype == rows.dtype:
+        logits = torch.matmul(rows * (inverse * _LOG2E), keys, out=out)
+    else:
+        logits = torch.matmul(rows * (inverse * _LOG2E), keys)
     if not shifted:
         return logits.exp2_(), None
     shift = logits.amax(dim=-1)
     return logits.sub_(shift.unsqueeze(-1)).exp2_(), shift * _LN2
+
+
+def _block_buffer(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    """A ``(B, rows, cols)`` block reused by every full chunk of a loop (eager mode; ``None`` when tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    return like.new_empty(like.shape[0], min(rows, like.shape[1]), cols)
 
 
 def _teacher_block_size(chunk_size: int, num: int) -> int:
@@ -180,18 +193,20 @@ def _teacher_context(
         side = _teacher_block_size(chunk_size, num)
         starts = list(range(0, num, side))
         pending: dict[int, list[torch.Tensor]] = {start: [] for start in starts}
+        buffer = _block_buffer(teacher, side, side)
         for index, row in enumerate(starts):
             rows = teacher[:, row : row + side]
             for col in starts[index:]:
-                block, _ = _exp_logits(rows, keys[:, :, col : col + side], inverse, shifted=False)
+                block, _ = _exp_logits(rows, keys[:, :, col : col + side], inverse, shifted=False, out=buffer)
                 pending[row].append(torch.matmul(ext_t[:, :, col : col + side], block.transpose(1, 2)))
                 if col != row:
                     pending[col].append(torch.matmul(ext_t[:, :, row : row + side], block))
         weighted = torch.cat([torch.stack(pending[start]).sum(0) for start in starts], dim=2)  # (B, C+1, N)
     else:
         pieces, shifts = [], []
+        buffer = _block_buffer(teacher, chunk_size, num)
         for row in range(0, num, chunk_size):
-            block, row_shift = _exp_logits(teacher[:, row : row + chunk_size], keys, inverse, shifted=True)
+            block, row_shift = _exp_logits(teacher[:, row : row + chunk_size], keys, inverse, shifted=True, out=buffer)
             pieces.append(torch.matmul(ext_t, block.transpose(1, 2)))
             shifts.append(row_shift)
         weighted = torch.cat(pieces, dim=2)
@@ -208,6 +223,7 @@ def _student_block(
     ext_t: torch.Tensor,
     temperature: float,
     need_grad: bool,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KL (and row gradient) of a block of student rows, given the teacher terms of those rows.
 
@@ -216,7 +232,7 @@ def _student_block(
     pt, sum_t, shift_t = context
     channels = student_rows.shape[-1]
     shifted = shift_t is not None
-    exp_s, shift_s = _exp_logits(student_rows, keys, 1.0 / temperature, shifted)
+    exp_s, shift_s = _exp_logits(student_rows, keys, 1.0 / temperature, shifted, out=buffer)
     if need_grad:
         weighted_s = torch.matmul(ext_t, exp_s.transpose(1, 2))  # (B, C + 1, n)
         sum_s = weighted_s[:, channels]
@@ -241,11 +257,12 @@ def _chunked_kl(
     ext_t = torch.cat([keys, keys.new_ones(keys.shape[0], 1, num)], dim=1)
     pt, sum_t, shift_t = _teacher_context(teacher, ext_t, keys, temperature, chunk_size)
     kl_pieces, grad_pieces = [], []
+    buffer = _block_buffer(student, chunk_size, num)
     for start in range(0, num, chunk_size):
         rows = slice(start, start + chunk_size)
         context = (pt[:, rows], sum_t[:, rows], None if shift_t is None else shift_t[:, rows])
         block_kl, block_grad = _student_block(
-            student[:, rows], teacher[:, rows], context, keys, ext_t, temperature, need_grad
+            student[:, rows], teacher[:, rows], context, keys, ext_t, temperature, need_grad, buffer
         )
         kl_pieces.append(block_kl)
         if block_grad is not None:

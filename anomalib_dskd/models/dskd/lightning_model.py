@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -39,6 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from anomalib_dskd.components.rd.core import require_input_size
+from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
@@ -54,7 +53,7 @@ logger = logging.getLogger(__name__)
 STATISTICS_SOURCES = ("validation", "train")
 
 
-class Dskd(AnomalibModule):
+class Dskd(ReverseDistillationDefaults, AnomalibModule):
     """DSKD: a local and a global student distilled from one frozen teacher, fused by Eq. 8.
 
     Args:
@@ -370,18 +369,6 @@ class Dskd(AnomalibModule):
     def configure_visualizer(cls) -> DskdVisualizer:
         """Image, ground truth, local / global / final maps side by side (paper Fig. 4)."""
         return DskdVisualizer()
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping (as RD); no sanity validation (it would set thresholds too early)."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS
-
-
 
 
 register_class(Dskd)

@@ -17,11 +17,8 @@ CLI: ``anomalib train --model Rd --model.backbone resnet18 --data MVTecAD ...``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -31,6 +28,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_dskd.components.rd.core import require_input_size
+from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
@@ -38,7 +36,7 @@ from .loss import RdLoss
 from .torch_model import RdModel
 
 
-class Rd(AnomalibModule):
+class Rd(ReverseDistillationDefaults, AnomalibModule):
     """Reverse distillation (RD) with a backbone-generic core.
 
     Args:
@@ -113,18 +111,6 @@ class Rd(AnomalibModule):
         """Predict anomaly maps and scores for the validation batch."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """RD trains without gradient clipping and needs no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS
-
-
 
 
 register_class(Rd)
