@@ -47,6 +47,7 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch  # noqa: E402
+from _common import raw_metrics, train_epochs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,60 +147,19 @@ def train(
     seed: int,
 ) -> list[float]:
     """Plain training loop with the model's own loss and optimiser; returns seconds per epoch."""
-    optimizer = model.configure_optimizers()
-    generator = torch.Generator().manual_seed(seed)
-    images = data["image"]
-    epoch_seconds = []
-    model.model.train()
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        order = torch.randperm(len(images), generator=generator)
-        total, count = 0.0, 0
-        for begin in range(0, len(images), batch_size):
-            batch = images[order[begin : begin + batch_size]]
-            if len(batch) < 2:  # BatchNorm needs two samples
-                continue
-            loss = model.loss(*model.model(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        epoch_seconds.append(time.perf_counter() - start)
-        mean_loss = total / max(count, 1)
-        print(f"    epoch {epoch + 1}/{epochs} loss {mean_loss:.4f} ({epoch_seconds[-1]:.1f} s)", flush=True)
-    return epoch_seconds
+    return train_epochs(model, data["image"], epochs, batch_size, seed)[0]
 
 
 @torch.no_grad()
 def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:  # noqa: ANN401
     """Image AUROC, pixel AUROC and AU-PRO (fpr_limit 0.3) from anomalib's metrics on raw outputs."""
-    from types import SimpleNamespace
-
-    from anomalib.metrics import AUPRO
-
-    from anomalib_dskd.metrics import raw_auroc
-
     model.model.eval()
     scores, maps = [], []
     for begin in range(0, len(data["image"]), batch_size):
         out = model.model(data["image"][begin : begin + batch_size])
         scores.append(out.pred_score)
         maps.append(out.anomaly_map)
-    batch = SimpleNamespace(
-        pred_score=torch.cat(scores),
-        anomaly_map=torch.cat(maps).squeeze(1),
-        gt_label=data["label"],
-        gt_mask=data["mask"].squeeze(1) if data["mask"].dim() == 4 else data["mask"],
-    )
-    image_auroc = raw_auroc(["pred_score", "gt_label"])
-    pixel_auroc = raw_auroc(["anomaly_map", "gt_mask"])
-    aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
-    results = {}
-    for name, metric in (("image_auroc", image_auroc), ("pixel_auroc", pixel_auroc), ("aupro", aupro)):
-        metric.update(batch)
-        results[name] = float(metric.compute())
-    return results
+    return raw_metrics(torch.cat(scores), torch.cat(maps), data["label"], data["mask"])
 
 
 @torch.no_grad()

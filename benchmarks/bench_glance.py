@@ -50,6 +50,7 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch  # noqa: E402
+from _common import raw_metrics, train_epochs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,44 +169,12 @@ def train_glance(model: Any, images: torch.Tensor) -> dict[str, Any]:  # noqa: A
 
 
 def train_rd(model: Any, images: torch.Tensor, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:  # noqa: ANN401
-    optimizer = model.configure_optimizers()
-    generator = torch.Generator().manual_seed(seed)
-    model.model.train()
-    history = []
-    for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        total, count = 0.0, 0
-        for begin in range(0, len(images), batch_size):
-            batch = images[order[begin : begin + batch_size]]
-            if len(batch) < 2:  # BatchNorm needs two samples
-                continue
-            loss = model.loss(*model.model(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(batch)
-            count += len(batch)
-        history.append(round(total / max(count, 1), 5))
-        print(f"    epoch {epoch + 1}/{epochs} loss {history[-1]}", flush=True)
-    return {"history": history}
-
-
-def _unit(values: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation to [0, 1] in float64 (monotonic, keeps every distinct value distinct)."""
-    values = values.double()
-    low, high = values.min(), values.max()
-    return (values - low) / (high - low).clamp(min=1e-300)
+    return {"history": train_epochs(model, images, epochs, batch_size, seed)[1]}
 
 
 @torch.no_grad()
 def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:  # noqa: ANN401
     """Image AUROC, pixel AUROC, AU-PRO (fpr_limit 0.3) and throughput from raw torch outputs."""
-    from types import SimpleNamespace
-
-    from anomalib.metrics import AUPRO
-
-    from anomalib_dskd.metrics import raw_auroc
-
     model.eval()
     model.model.eval()
     scores, maps = [], []
@@ -216,26 +185,8 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
         scores.append(out.pred_score)
         maps.append(out.anomaly_map)
     seconds = time.perf_counter() - start
-    # Min-max normalise over the whole test set before the metrics: torchmetrics' binary AUROC (under
-    # anomalib's AUROC / AUPRO) treats predictions outside [0, 1] as logits and applies a sigmoid, which
-    # saturates to 1.0 for raw scores above ~17 (Glance's squared distances) and turns them into ties.
-    # The normalisation is monotonic, so it changes no ranking and no metric value otherwise.
-    batch = SimpleNamespace(
-        pred_score=_unit(torch.cat(scores)),
-        anomaly_map=_unit(torch.cat(maps).squeeze(1)),
-        gt_label=data["label"],
-        gt_mask=data["mask"].squeeze(1) if data["mask"].dim() == 4 else data["mask"],
-    )
-    results = {"images_per_s": len(data["image"]) / seconds}
-    metrics = (
-        ("image_auroc", raw_auroc(["pred_score", "gt_label"])),
-        ("pixel_auroc", raw_auroc(["anomaly_map", "gt_mask"])),
-        ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)),
-    )
-    for name, metric in metrics:
-        metric.update(batch)
-        results[name] = float(metric.compute())
-    return results
+    metrics = raw_metrics(torch.cat(scores), torch.cat(maps), data["label"], data["mask"])
+    return {"images_per_s": len(data["image"]) / seconds, **metrics}
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ Usage (2 threads, as the targets are stated)::
     CI=true python benchmarks/dskd_cost.py --backbone mobilenetv2_100 --gccb-channels 256 --batch 8
     CI=true python benchmarks/dskd_cost.py --backbone wide_resnet50_2 --gccb-channels 1024 --batch 2 --steps 2 --runs 5
     CI=true python benchmarks/dskd_cost.py --affinity-only   # chunked vs direct affinity loss alone
+    CI=true python benchmarks/dskd_cost.py --breakdown       # where Dskd's inference time goes
 """
 
 from __future__ import annotations
@@ -157,6 +158,49 @@ def affinity_only(args: argparse.Namespace) -> None:
     print(f"{'direct' if chunk == 0 else chunk:>8} {seconds:8.3f} {cpu:8.3f} {peak.mib:9.0f}")
 
 
+def breakdown(args: argparse.Namespace) -> None:
+    """Median time of each part of ``DskdModel``'s eval forward (torch, batch 1): where inference goes."""
+    from anomalib_dskd.models.dskd.anomaly_map import upsampled_student_map
+    from anomalib_dskd.models.dskd.torch_model import DskdModel
+
+    size = (args.size, args.size)
+    model = DskdModel(backbone=args.backbone, pre_trained=False, input_size=size, gccb_channels=args.gccb_channels)
+    model.eval()
+    images = torch.rand(1, 3, *size)
+
+    def median_ms(fn, runs: int = args.runs) -> float:  # noqa: ANN001
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    chunk = args.chunk or None
+    with torch.no_grad():
+        teacher = model.core.teacher(images)
+        local = model.core.decoder(model.core.bottleneck(teacher))
+        parts = {
+            "teacher": lambda: model.core.teacher(images),
+            "local student (OCBE + decoder)": lambda: model.core.decoder(model.core.bottleneck(teacher)),
+            "global student (OCBE + GCCB + decoder)": lambda: model.global_decoder(
+                model.gccb(model.global_bottleneck(teacher))
+            ),
+            "local cosine map (3 scales)": lambda: upsampled_student_map("pixel", teacher, local, size),
+        }
+        for index, feature in enumerate(teacher):
+            label = f"global affinity map, scale {feature.shape[-2]}x{feature.shape[-1]}"
+            parts[label] = lambda i=index: upsampled_student_map(
+                "affinity", teacher[i : i + 1], local[i : i + 1], size, 1.0, chunk
+            )
+        parts["whole DskdModel forward"] = lambda: model(images)
+        print(f"{args.backbone}, g = {args.gccb_channels}, {args.size}x{args.size}, batch 1, {args.threads} threads")
+        for label, fn in parts.items():
+            print(f"  {label:<45} {median_ms(fn):8.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="mobilenetv2_100")
@@ -169,12 +213,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed inference runs (median)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--affinity-only", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of Dskd's inference (torch, batch 1)")
     parser.add_argument("--affinity-chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.affinity_only:
         affinity_only(args)
+        return
+    if args.breakdown:
+        breakdown(args)
         return
 
     rows = []

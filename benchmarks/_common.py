@@ -1,0 +1,76 @@
+"""Helpers shared by the model benchmark scripts (``bench_ard.py``, ``bench_glance.py``).
+
+Scripts in this folder import it as ``from _common import ...`` (Python puts the script's folder on
+``sys.path``).
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+
+def train_epochs(
+    model: Any,  # noqa: ANN401
+    images: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[list[float], list[float]]:
+    """Plain loop with the Lightning module's own loss and optimiser over in-memory images.
+
+    Shuffled with a seeded generator; batches of one image are skipped (BatchNorm needs two).
+    Returns ``(seconds per epoch, mean loss per epoch)`` and prints one line per epoch.
+    """
+    optimizer = model.configure_optimizers()
+    generator = torch.Generator().manual_seed(seed)
+    model.model.train()
+    seconds, losses = [], []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        order = torch.randperm(len(images), generator=generator)
+        total, count = 0.0, 0
+        for begin in range(0, len(images), batch_size):
+            batch = images[order[begin : begin + batch_size]]
+            if len(batch) < 2:
+                continue
+            loss = model.loss(*model.model(batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch)
+            count += len(batch)
+        seconds.append(time.perf_counter() - start)
+        losses.append(round(total / max(count, 1), 5))
+        print(f"    epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f} ({seconds[-1]:.1f} s)", flush=True)
+    return seconds, losses
+
+
+def raw_metrics(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and AU-PRO (anomalib ``AUPRO``, fpr_limit 0.3) of raw scores and maps.
+
+    AUROCs rank the raw values as given (:func:`anomalib_dskd.metrics.raw_auroc`, no sigmoid).
+    """
+    from anomalib.metrics import AUPRO
+
+    from anomalib_dskd.metrics import raw_auroc
+
+    batch = SimpleNamespace(
+        pred_score=scores,
+        anomaly_map=maps.squeeze(1) if maps.dim() == 4 else maps,
+        gt_label=labels,
+        gt_mask=masks.squeeze(1) if masks.dim() == 4 else masks,
+    )
+    metrics = (
+        ("image_auroc", raw_auroc(["pred_score", "gt_label"])),
+        ("pixel_auroc", raw_auroc(["anomaly_map", "gt_mask"])),
+        ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)),
+    )
+    results = {}
+    for name, metric in metrics:
+        metric.update(batch)
+        results[name] = float(metric.compute())
+    return results
