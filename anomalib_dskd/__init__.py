@@ -18,9 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from anomalib_dskd.models.ard.lightning_model import Ard
     from anomalib_dskd.models.dskd.lightning_model import Dskd
     from anomalib_dskd.models.glance.lightning_model import Glance
+    from anomalib_dskd.models.packd.lightning_model import Packd
     from anomalib_dskd.models.rd.lightning_model import Rd
 
-__all__ = ["Ard", "Dskd", "Glance", "Rd", "__version__"]
+__all__ = ["Ard", "Dskd", "Glance", "Packd", "Rd", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401

@@ -26,6 +26,7 @@ MODELS: dict[str, str] = {
     "Dskd": "anomalib_dskd.models.dskd.lightning_model",
     "Ard": "anomalib_dskd.models.ard.lightning_model",
     "Glance": "anomalib_dskd.models.glance.lightning_model",
+    "Packd": "anomalib_dskd.models.packd.lightning_model",
 }
 
 _registered = False

@@ -1,0 +1,408 @@
+"""Packd (few-shot prototype-aware contrastive distillation) and the few-shot datamodule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("CI", "true")
+torch.set_num_threads(1)
+
+SIZE = 64
+CATEGORIES = ("aa", "bb", "cc", "dd")
+BACKBONE = "mobilenetv2_100"
+
+
+@pytest.fixture(scope="module")
+def few_shot_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four tiny synthetic MVTec AD categories (64x64, 6 train images each)."""
+    from anomalib_dskd.data import generate_mvtec_ad_category
+
+    root = tmp_path_factory.mktemp("few_shot")
+    for seed, category in enumerate(CATEGORIES):
+        generate_mvtec_ad_category(
+            root,
+            category,
+            seed=seed,
+            image_size=(SIZE, SIZE),
+            n_train=6,
+            n_test_good=3,
+            n_per_defect=1,
+        )
+    return root
+
+
+def make_model(**kwargs):
+    from anomalib_dskd.models.packd import Packd
+
+    kwargs.setdefault("visualizer", False)
+    return Packd(
+        backbone=BACKBONE,
+        pre_trained=False,
+        pre_processor=Packd.configure_pre_processor((SIZE, SIZE)),
+        **kwargs,
+    )
+
+
+def make_datamodule(root: Path, target: str = "dd", **kwargs):
+    from anomalib_dskd.data.few_shot import FewShotDataModule
+
+    kwargs.setdefault("k_shot", 2)
+    kwargs.setdefault("num_support_draws", 2)
+    kwargs.setdefault("train_batch_size", 3)
+    kwargs.setdefault("eval_batch_size", 8)
+    return FewShotDataModule(
+        train_sources=[{"format": "mvtec_ad", "root": str(root), "category": list(CATEGORIES)}],
+        target={"format": "mvtec_ad", "root": str(root), "category": target},
+        image_size=(SIZE, SIZE),
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- PEIM
+def test_peim_shapes_and_levels() -> None:
+    from anomalib_dskd.models.packd import PackdModel
+
+    model = PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), num_prototypes=5, attention_dim=16)
+    assert model.peim_levels == (2, 3, 4)
+    assert model.teacher.layers == (1, 2, 3, 4)  # level 4 of the supports = the teacher's next stage
+    queries, supports = torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 3, 3, SIZE, SIZE)
+    out = model(queries, supports)
+    assert [tuple(p.shape) for p in out["prototypes"]] == [(2, 5, 16)] * 3
+    assert [tuple(t.shape) for t in out["teacher"]] == [tuple(s.shape) for s in out["student"]]
+    assert [tuple(t.shape[:3]) for t in out["support"]] == [(2, 3, c) for c in (24, 32, 96)]
+    model.eval()
+    prototypes = model.set_support(torch.rand(4, 3, SIZE, SIZE))
+    assert [tuple(p.shape) for p in prototypes] == [(5, 16)] * 3  # independent of k
+    result = model(torch.rand(3, 3, SIZE, SIZE))
+    assert result.anomaly_map.shape == (3, 1, SIZE, SIZE)
+    assert result.pred_score.shape == (3,)
+
+
+def test_prototypes_change_the_student_only_after_the_zero_init_is_left() -> None:
+    from anomalib_dskd.models.packd import PackdModel
+
+    torch.manual_seed(0)
+    model = PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), num_prototypes=4, attention_dim=16).eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    teacher = model.teacher(images)
+    support_a, support_b = torch.rand(1, 2, 3, SIZE, SIZE), torch.rand(1, 2, 3, SIZE, SIZE) * 0.2
+    with torch.no_grad():
+        protos_a = [p.expand(2, -1, -1) for p in model.extract_prototypes(support_a)]
+        protos_b = [p.expand(2, -1, -1) for p in model.extract_prototypes(support_b)]
+        plain = model.decoder.decoder(model.bottleneck(teacher[:3]))
+        a = model.student(teacher, protos_a)
+        # zero-initialised output projections: an untrained Packd is exactly RD
+        assert all(torch.equal(x, y) for x, y in zip(a, plain, strict=True))
+        for integrator in model.peim.integrators:
+            torch.nn.init.normal_(integrator.out.weight, std=0.1)
+        a, b = model.student(teacher, protos_a), model.student(teacher, protos_b)
+    assert all(x.shape == y.shape for x, y in zip(a, plain, strict=True))
+    assert all((x - y).abs().max() > 1e-4 for x, y in zip(a, b, strict=True))  # prototypes condition the student
+
+
+def test_peim_levels_validation() -> None:
+    from anomalib_dskd.models.packd import PackdModel
+
+    model = PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(1, 2, 3))
+    assert model.teacher.layers == (1, 2, 3)
+    assert len(model.peim.integrators) == 3
+    with pytest.raises(ValueError, match="peim_levels"):
+        PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_orthogonality_loss() -> None:
+    from anomalib_dskd.models.packd.loss import OrthogonalityLoss
+
+    loss = OrthogonalityLoss()
+    q, _ = torch.linalg.qr(torch.randn(16, 16))
+    orthonormal = q[:, :6].T * 3.0  # 6 orthogonal prototypes of any length (L2-normalised inside)
+    assert loss([orthonormal, orthonormal[None].repeat(2, 1, 1)]).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss([torch.randn(6, 16)]).item() > 0.1
+    duplicated = orthonormal.clone()
+    duplicated[1] = duplicated[0]
+    assert loss([duplicated]).item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_contrastive_loss_prefers_matched_pairs() -> None:
+    from anomalib_dskd.models.packd.loss import ContrastiveDistillationLoss
+
+    torch.manual_seed(0)
+    loss = ContrastiveDistillationLoss(temperature=0.1)
+    teacher = [torch.randn(4, 8, 5, 5), torch.randn(4, 16, 3, 3)]
+    matched = [t + 0.05 * torch.randn_like(t) for t in teacher]
+    shuffled = [m[torch.tensor([1, 2, 3, 0])] for m in matched]  # student of another query
+    mask = ~torch.eye(4, dtype=torch.bool)
+    assert loss(teacher, matched, mask) < loss(teacher, shuffled, mask)
+    assert loss(teacher, matched, None) == pytest.approx(0.0, abs=1e-6)  # no negatives: log(1)
+    supports = [torch.randn(4, 2, *t.shape[1:]) for t in teacher]
+    assert loss(teacher, matched, mask, supports) > loss(teacher, matched, mask) - 1e-6
+    with pytest.raises(ValueError, match="temperature"):
+        ContrastiveDistillationLoss(0)
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+def test_leave_one_out_never_trains_on_the_target(few_shot_root: Path) -> None:
+    datamodule = make_datamodule(few_shot_root, target="bb")
+    datamodule.setup()
+    assert [spec["category"] for spec in datamodule.train_specs] == ["aa", "cc", "dd"]
+    assert [spec["category"] for spec in datamodule.excluded_specs] == ["bb"]
+    paths = datamodule.train_data.image_paths()
+    assert paths
+    assert not any(Path(path).resolve().is_relative_to((few_shot_root / "bb").resolve()) for path in paths)
+    # every training batch: groups of 1 + k images of one category, categories mixed
+    loader = datamodule.train_dataloader()
+    for batch in loader:
+        groups = [batch.image_path[i : i + 3] for i in range(0, len(batch.image_path), 3)]
+        categories = [{Path(p).parts[-4] for p in group} for group in groups]
+        assert all(len(c) == 1 for c in categories)
+        assert len({next(iter(c)) for c in categories}) == 3  # 3 groups, 3 different categories
+        assert "bb" not in set().union(*categories)
+        assert all(len(set(group)) == 3 for group in groups)  # query is not among its supports
+    # the test set is the target's
+    assert all("/bb/test/" in str(path) for path in datamodule.test_data.samples.image_path)
+
+
+def test_any_anomalib_layout_across_datasets(few_shot_root: Path, tiny_loco: tuple[Path, str]) -> None:
+    """MVTec LOCO and Folder sources train together; the target comes from another dataset."""
+    from anomalib_dskd.data.few_shot import FewShotDataModule
+
+    loco_root, loco_category = tiny_loco
+    datamodule = FewShotDataModule(
+        train_sources=[
+            f"mvtec_loco:{loco_root}:{loco_category}",
+            {
+                "format": "folder",
+                "root": str(few_shot_root / "aa"),
+                "category": "aa_folder",
+                "normal_dir": "train/good",
+            },
+        ],
+        target={"format": "mvtec_ad", "root": str(few_shot_root), "category": "dd"},
+        k_shot=2,
+        image_size=(SIZE, SIZE),
+        train_batch_size=2,
+    )
+    datamodule.setup()
+    assert datamodule.train_data.categories == [f"mvtec_loco/{loco_category}", "folder/aa_folder"]
+    assert [len(indices) for indices in datamodule.train_data.category_indices] == [8, 6]
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.image.shape == (6, 3, SIZE, SIZE)
+    assert {Path(p).parts[-4] for p in batch.image_path[:3]} != {Path(p).parts[-4] for p in batch.image_path[3:]}
+
+
+def test_support_draws_are_reproducible(few_shot_root: Path) -> None:
+    first, second = make_datamodule(few_shot_root, seed=3), make_datamodule(few_shot_root, seed=3)
+    other = make_datamodule(few_shot_root, seed=4)
+    for module in (first, second, other):
+        module.setup()
+    assert first.support_paths(0) == second.support_paths(0)
+    assert all("/dd/train/good/" in path for path in first.support_paths(0))
+    assert len(set(first.support_paths(1))) == 2
+    draws = {tuple(first.support_paths(d)) for d in range(4)} | {tuple(other.support_paths(d)) for d in range(4)}
+    assert len(draws) > 1  # draws differ across draws / seeds
+    assert first.support_paths(0) != other.support_paths(0) or first.support_paths(1) != other.support_paths(1)
+    images = first.support_images(0)
+    assert images.shape == (2, 3, SIZE, SIZE)
+    assert 0 <= images.min() and images.max() <= 1
+
+
+def test_datamodule_errors(few_shot_root: Path, tmp_path: Path) -> None:
+    from anomalib_dskd.data.few_shot import FewShotDataError, FewShotDataModule
+
+    with pytest.raises(FewShotDataError, match="k_shot"):
+        make_datamodule(few_shot_root, k_shot=6).setup()  # 6 train images: query + 6 supports impossible
+    with pytest.raises(FewShotDataError, match="does not exist"):
+        make_datamodule(tmp_path / "nowhere").setup()
+    with pytest.raises(FewShotDataError, match="format"):
+        FewShotDataModule(target="nope:x:y")
+    only_target = make_datamodule(few_shot_root)
+    only_target.train_specs = []
+    only_target.setup()
+    with pytest.raises(FewShotDataError, match="no training category"):
+        only_target.train_dataloader()
+
+
+# ---------------------------------------------------------------------------------------------- engine, export
+@pytest.fixture(scope="module")
+def trained(few_shot_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from anomalib.engine import Engine
+
+    from anomalib_dskd.data.few_shot import evaluate_support_draws
+
+    torch.manual_seed(0)
+    model = make_model(num_prototypes=4, attention_dim=16)
+    datamodule = make_datamodule(few_shot_root)
+    root = tmp_path_factory.mktemp("engine")
+    engine = Engine(max_epochs=1, default_root_dir=root, logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    results = evaluate_support_draws(engine, model, datamodule)
+    return {"model": model, "datamodule": datamodule, "engine": engine, "results": results, "root": root}
+
+
+def test_engine_fit_and_test_over_draws(trained: dict) -> None:
+    model, results = trained["model"], trained["results"]
+    assert model.k_shot == 2
+    assert model.categories_per_batch == 3
+    assert results["draws"] == [0, 1]
+    assert len(results["per_draw"]) == 2
+    for key in ("image_AUROC", "pixel_AUROC"):
+        assert 0.0 <= results["mean"][key] <= 1.0
+    assert model.model.has_support
+    # the trained PEIM moved away from the zero-initialised read-out
+    assert any(integrator.out.weight.abs().sum() > 0 for integrator in model.model.peim.integrators)
+    checkpoints = sorted(Path(trained["root"]).rglob("*.ckpt"))
+    assert checkpoints
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["state_dict"]
+    assert bool(state["model.support_ready"])  # the prototypes of the validation draw are in the checkpoint
+
+
+def test_set_support_from_folder_and_errors(trained: dict, few_shot_root: Path, tmp_path: Path) -> None:
+    from anomalib_dskd.models.packd import SupportError
+
+    model = trained["model"].eval()
+    good = few_shot_root / "dd" / "train" / "good"
+    prototypes = model.set_support(good)
+    again = model.set_support(sorted(good.iterdir()))
+    assert all(torch.allclose(a, b) for a, b in zip(prototypes, again, strict=True))
+    assert model.model.support_shots.item() == 6
+    with torch.no_grad():
+        result = model(torch.rand(2, 3, SIZE, SIZE))
+    assert result.anomaly_map.shape == (2, 1, SIZE, SIZE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SupportError, match="no images"):
+        model.set_support(empty)
+    with pytest.raises(SupportError, match="does not exist"):
+        model.set_support(tmp_path / "missing")
+    with pytest.raises(SupportError, match="input size"):
+        model.set_support(torch.rand(2, 3, 32, 32), pre_processed=True)
+    with pytest.raises(SupportError, match="RGB"):
+        model.set_support(torch.rand(2, 1, SIZE, SIZE))
+    fresh = make_model()
+    with pytest.raises(SupportError, match="no support set"):
+        fresh.eval()(torch.rand(1, 3, SIZE, SIZE))
+
+
+def test_training_without_the_few_shot_datamodule_fails_clearly() -> None:
+    from anomalib.data import ImageBatch
+
+    from anomalib_dskd.models.packd import SupportError
+
+    model = make_model()
+    with pytest.raises(SupportError, match="FewShotDataModule"):
+        model.training_step(ImageBatch(image=torch.rand(2, 3, SIZE, SIZE)))
+
+
+@pytest.mark.slow
+def test_export_parity(trained: dict, tmp_path: Path, few_shot_root: Path) -> None:
+    from tests.export_utils import assert_export_parity
+
+    model = trained["model"]
+    model.set_support(few_shot_root / "dd" / "train" / "good")
+    for integrator in model.model.peim.integrators:  # make sure the prototypes matter in the exported graph
+        torch.nn.init.normal_(integrator.out.weight, std=0.05)
+    assert_export_parity(model, tmp_path, (SIZE, SIZE))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "anomalib"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_cli_train_and_test(few_shot_root: Path, tmp_path: Path) -> None:
+    """``anomalib train`` / ``anomalib test`` with the few-shot datamodule, as real subprocesses."""
+    model = [
+        "--model",
+        "Packd",
+        "--model.backbone",
+        BACKBONE,
+        "--model.pre_trained",
+        "false",
+        "--model.num_prototypes",
+        "4",
+        "--model.attention_dim",
+        "16",
+        "--model.visualizer",
+        "false",
+        "--model.pre_processor",
+        "anomalib.pre_processing.PreProcessor",
+        "--model.pre_processor.transform",
+        "torchvision.transforms.v2.Resize",
+        "--model.pre_processor.transform.size",
+        f"[{SIZE},{SIZE}]",
+    ]
+    sources = (
+        "["
+        + ", ".join(f'{{"format": "mvtec_ad", "root": "{few_shot_root}", "category": "{c}"}}' for c in CATEGORIES)
+        + "]"
+    )
+    data = [
+        "--data",
+        "anomalib_dskd.data.few_shot.FewShotDataModule",
+        "--data.train_sources",
+        sources,
+        "--data.target",
+        f"mvtec_ad:{few_shot_root}:dd",
+        "--data.k_shot",
+        "2",
+        "--data.image_size",
+        f"[{SIZE},{SIZE}]",
+        "--data.train_batch_size",
+        "3",
+    ]
+    train = run_cli(
+        "train", *model, *data, "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path), cwd=tmp_path
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "image_AUROC" in train.stdout
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    tested = run_cli(
+        "test",
+        *model,
+        *data,
+        "--data.support_draw",
+        "1",
+        "--ckpt_path",
+        str(checkpoints[-1]),
+        "--default_root_dir",
+        str(tmp_path / "test"),
+        cwd=tmp_path,
+    )
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "image_AUROC" in tested.stdout
+    predicted = run_cli(
+        "predict",
+        *model,
+        "--model.support",
+        str(few_shot_root / "dd" / "train" / "good"),
+        "--ckpt_path",
+        str(checkpoints[-1]),
+        "--data",
+        str(few_shot_root / "dd" / "test" / "good"),
+        "--default_root_dir",
+        str(tmp_path / "predict"),
+        cwd=tmp_path,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+
+
+def test_registered_with_anomalib() -> None:
+    import anomalib.models as anomalib_models
+
+    import anomalib_dskd
+    from anomalib_dskd.registration import MODELS
+
+    assert MODELS["Packd"] == "anomalib_dskd.models.packd.lightning_model"
+    assert anomalib_dskd.Packd is anomalib_models.Packd
+    assert "packd" in {name.lower() for name in anomalib_models.list_models()}
