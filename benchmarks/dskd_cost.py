@@ -168,15 +168,8 @@ def breakdown(args: argparse.Namespace) -> None:
     model.eval()
     images = torch.rand(1, 3, *size)
 
-    def median_ms(fn, runs: int = args.runs) -> float:  # noqa: ANN001
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+    def median_ms(fn) -> float:  # noqa: ANN001
+        return 1000 * median_time(fn, args.runs, warmup=3)[0]
 
     chunk = args.chunk or None
     with torch.no_grad():

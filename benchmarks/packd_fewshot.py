@@ -133,20 +133,25 @@ def predict(
     return torch.cat(scores), torch.cat(maps)
 
 
+def bare_model(cls: type, args: argparse.Namespace) -> Any:  # noqa: ANN401
+    """``cls`` with the benchmark's teacher and input size, no visualiser, evaluator or post-processor (seeded)."""
+    torch.manual_seed(args.seed)
+    return cls(
+        backbone=args.backbone,
+        pre_trained=args.weights,
+        pre_processor=cls.configure_pre_processor((args.image_size, args.image_size)),
+        visualizer=False,
+        evaluator=False,
+        post_processor=False,
+    )
+
+
 def train_packd(args: argparse.Namespace, k: int, sources: list[str], target: str) -> tuple[Any, Any, float]:
     from anomalib_dskd.data.few_shot import FewShotDataModule
     from anomalib_dskd.models.packd import Packd
 
     size = (args.image_size, args.image_size)
-    torch.manual_seed(args.seed)
-    model = Packd(
-        backbone=args.backbone,
-        pre_trained=args.weights,
-        pre_processor=Packd.configure_pre_processor(size),
-        visualizer=False,
-        evaluator=False,
-        post_processor=False,
-    )
+    model = bare_model(Packd, args)
     datamodule = FewShotDataModule(
         train_sources=sources,
         target=target,
@@ -212,16 +217,7 @@ def adapt_patchcore(args: argparse.Namespace, supports: torch.Tensor) -> tuple[A
 def adapt_rd(args: argparse.Namespace, supports: torch.Tensor) -> tuple[Any, float]:
     from anomalib_dskd.models.rd import Rd
 
-    size = (args.image_size, args.image_size)
-    torch.manual_seed(args.seed)
-    model = Rd(
-        backbone=args.backbone,
-        pre_trained=args.weights,
-        pre_processor=Rd.configure_pre_processor(size),
-        visualizer=False,
-        evaluator=False,
-        post_processor=False,
-    )
+    model = bare_model(Rd, args)
     start = time.perf_counter()
     optimizer = model.configure_optimizers()
     images = model.pre_processor.transform(supports)
