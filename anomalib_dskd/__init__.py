@@ -2,7 +2,11 @@
 
 Models (registered with anomalib, so ``anomalib train --model Rd`` works after installation):
 
-* :class:`Rd` - reverse distillation (Deng & Li, CVPR 2022) over any timm CNN teacher.
+* :class:`Rd` - reverse distillation (Deng & Li, CVPR 2022) over any timm CNN teacher;
+* :class:`Dskd` - dual-student distillation with contextual affinity (Zhang et al., WACV 2024);
+* :class:`Ard` - attention in RD's one-class embedding (ARD);
+* :class:`Glance` - "Glancing at the Patch" (Wang et al., CVPR 2021);
+* :class:`Packd` - few-shot prototype-aware contrastive distillation (Gu et al., BMVC 2023).
 
 Importing this package is cheap: model classes are imported on first attribute access.
 """

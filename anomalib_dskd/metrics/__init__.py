@@ -18,8 +18,9 @@ import torch or anomalib.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from anomalib_dskd._lazy import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
     from anomalib_dskd.metrics.evaluator import LocoEvaluator, loco_evaluator
@@ -44,12 +45,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    msg = f"module 'anomalib_dskd.metrics' has no attribute {name!r}"
-    raise AttributeError(msg)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
