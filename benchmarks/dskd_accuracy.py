@@ -105,10 +105,11 @@ def run(name: str, args: argparse.Namespace) -> dict:
     common = {"backbone": args.backbone, "pre_trained": args.weights, **components}
     checkpoint = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item).get(name)
     model_class = {"dskd": Dskd, "rd": Rd}[name]
+    scales = {"global_map_scales": args.global_map_scales} if name == "dskd" and args.global_map_scales else {}
     if checkpoint:
-        model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", **components)
+        model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", **components, **scales)
     elif name == "dskd":
-        model = Dskd(gccb_channels=args.gccb_channels, affinity_chunk_size=args.chunk, **common)
+        model = Dskd(gccb_channels=args.gccb_channels, affinity_chunk_size=args.chunk, **common, **scales)
     else:
         model = Rd(loss_mode="pixel", **common)
     out = Path(args.out) / name
@@ -125,10 +126,12 @@ def run(name: str, args: argparse.Namespace) -> dict:
     if not checkpoint:
         engine.fit(model, datamodule=datamodule)
     fit_s = time.perf_counter() - start
+    if checkpoint and scales:  # the checkpoint's Eq. 8 statistics belong to its own map scales
+        engine.validate(model, datamodule=datamodule, verbose=False)
     start = time.perf_counter()
     metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
     test_s = time.perf_counter() - start
-    result = {"model": name, "epochs": args.epochs, "fit_s": round(fit_s, 1), "test_s": round(test_s, 1), **metrics}
+    result = {"model": name, **scales, "epochs": args.epochs, "fit_s": round(fit_s, 1), "test_s": round(test_s, 1), **metrics}
     if name == "dskd":
         result["statistics_mean"] = model.model.map_mean.tolist()
         result["statistics_std"] = model.model.map_std.tolist()
@@ -158,6 +161,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="results/dskd_accuracy")
     parser.add_argument("--checkpoints", default="", help="name=path,... : test these instead of training")
+    parser.add_argument(
+        "--global-map-scales",
+        type=lambda text: [int(item) for item in text.split(",")],
+        default=None,
+        help="Dskd's global_map_scales, e.g. 1,2 (with --checkpoints: statistics are recomputed on validation)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = [run(name, args) for name in args.models.split(",")]

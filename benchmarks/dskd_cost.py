@@ -8,6 +8,7 @@ it (Linux ``/proc/self/clear_refs``), i.e. the extra memory the phase needed.
 Usage (2 threads, as the targets are stated)::
 
     CI=true python benchmarks/dskd_cost.py --backbone mobilenetv2_100 --gccb-channels 256 --batch 8
+    CI=true python benchmarks/dskd_cost.py --global-map-scales 1,2   # + Dskd without the 64x64 global map
     CI=true python benchmarks/dskd_cost.py --backbone wide_resnet50_2 --gccb-channels 1024 --batch 2 --steps 2 --runs 5
     CI=true python benchmarks/dskd_cost.py --affinity-only   # chunked vs direct affinity loss alone
     CI=true python benchmarks/dskd_cost.py --breakdown       # where Dskd's inference time goes
@@ -70,7 +71,7 @@ def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, float]:  # noqa:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def build(kind: str, args: argparse.Namespace):  # noqa: ANN201
+def build(kind: str, args: argparse.Namespace, global_map_scales: list[int] | None = None):  # noqa: ANN201
     from anomalib_dskd.models.dskd import Dskd
     from anomalib_dskd.models.rd import Rd
 
@@ -81,6 +82,7 @@ def build(kind: str, args: argparse.Namespace):  # noqa: ANN201
         pre_trained=False,
         gccb_channels=args.gccb_channels,
         affinity_chunk_size=args.chunk or None,
+        global_map_scales=global_map_scales,
         visualizer=False,
         evaluator=False,
     )
@@ -205,6 +207,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median)")
     parser.add_argument("--runs", type=int, default=20, help="timed inference runs (median)")
     parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument(
+        "--global-map-scales",
+        type=lambda text: [int(item) for item in text.split(",")],
+        default=None,
+        help="also measure Dskd with these global_map_scales (e.g. 1,2)",
+    )
     parser.add_argument("--affinity-only", action="store_true")
     parser.add_argument("--breakdown", action="store_true", help="time the parts of Dskd's inference (torch, batch 1)")
     parser.add_argument("--affinity-chunk", type=int, default=None, help=argparse.SUPPRESS)
@@ -219,8 +227,12 @@ def main() -> None:
         return
 
     rows = []
-    for kind in ("rd", "dskd"):
-        module = build(kind, args)
+    variants = [("rd", "rd", None), ("dskd", "dskd", None)]
+    if args.global_map_scales:
+        label = "dskd[" + ",".join(map(str, args.global_map_scales)) + "]"
+        variants.append((label, "dskd", args.global_map_scales))
+    for label, kind, scales in variants:
+        module = build(kind, args, scales)
         params = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
         images = torch.randn(args.batch, 3, args.size, args.size)
         step = train_step_fn(kind, module, images)
@@ -241,7 +253,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ov_call, ov_bytes = openvino_fn(module, args.size, args.threads, Path(tmp))
                 ov_infer = median_time(ov_call, args.runs, warmup=2)
-        rows.append((kind, params, train, train_peak.mib, torch_infer, infer_peak.mib, ov_infer, ov_bytes))
+        rows.append((label, params, train, train_peak.mib, torch_infer, infer_peak.mib, ov_infer, ov_bytes))
         del module, step
 
     print(
@@ -250,22 +262,23 @@ def main() -> None:
         f"Dskd gccb_channels={args.gccb_channels}, affinity chunk={args.chunk or 'direct'}. Times wall / process CPU."
     )
     print(
-        f"{'model':6} {'trainable':>10} {'train s':>15} {'train MiB':>9} {'torch ms':>15} {'torch MiB':>9} "
+        f"{'model':10} {'trainable':>10} {'train s':>15} {'train MiB':>9} {'torch ms':>15} {'torch MiB':>9} "
         f"{'OV f32 ms':>15} {'OV MB':>7}"
     )
     for kind, params, train, train_mib, torch_infer, infer_mib, ov_infer, ov_bytes in rows:
         print(
-            f"{kind:6} {params / 1e6:9.2f}M {train[0]:7.3f}/{train[1]:7.3f} {train_mib:9.0f} "
+            f"{kind:10} {params / 1e6:9.2f}M {train[0]:7.3f}/{train[1]:7.3f} {train_mib:9.0f} "
             f"{torch_infer[0] * 1e3:7.1f}/{torch_infer[1] * 1e3:7.1f} {infer_mib:9.0f} "
             f"{ov_infer[0] * 1e3:7.1f}/{ov_infer[1] * 1e3:7.1f} {ov_bytes / 1e6:7.1f}"
         )
-    rd, dskd = rows
-    for label, index in (("wall", 0), ("CPU", 1)):
-        print(
-            f"ratios Dskd/RD ({label}): training step {dskd[2][index] / rd[2][index]:.2f}x (target <= 2), "
-            f"torch inference {dskd[4][index] / rd[4][index]:.2f}x, "
-            f"OpenVINO inference {dskd[6][index] / rd[6][index]:.2f}x (target <= 1.5)"
-        )
+    rd = rows[0]
+    for dskd in rows[1:]:
+        for label, index in (("wall", 0), ("CPU", 1)):
+            print(
+                f"ratios {dskd[0]}/RD ({label}): training step {dskd[2][index] / rd[2][index]:.2f}x (target <= 2), "
+                f"torch inference {dskd[4][index] / rd[4][index]:.2f}x, "
+                f"OpenVINO inference {dskd[6][index] / rd[6][index]:.2f}x (target <= 1.5)"
+            )
 
 
 if __name__ == "__main__":

@@ -350,6 +350,64 @@ def test_statistics_are_buffers_in_the_state_dict() -> None:
     assert other.statistics_images.item() == 5
 
 
+# ---------------------------------------------------------------- global map scales (faster inference)
+def test_global_map_scales_select_the_global_students_maps() -> None:
+    full = DskdModel(**SMALL).eval()
+    fast = DskdModel(**SMALL, global_map_scales=(1, 2)).eval()
+    fast.load_state_dict(full.state_dict())  # same weights; uncalibrated statistics carry no scale choice yet
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        teacher, _, s_glo = full.features(images)
+        local_full, glob_full = full.student_maps(images)
+        local_fast, glob_fast = fast.student_maps(images)
+    kl = [
+        torch.nn.functional.interpolate(affinity_kl_direct(t, s).unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True)
+        for t, s in zip(teacher, s_glo, strict=True)
+    ]
+    assert torch.allclose(local_fast, local_full)  # the local student keeps every scale
+    assert torch.allclose(glob_fast, kl[1] + kl[2], atol=1e-5)
+    assert torch.allclose(glob_full, kl[0] + kl[1] + kl[2], atol=1e-5)
+    assert not torch.allclose(glob_fast, glob_full, atol=1e-3)
+
+
+@pytest.mark.parametrize("scales", [(), (3,), (-1, 1), (1, 1)])
+def test_global_map_scales_refuse_bad_indices(scales: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="global_map_scales"):
+        DskdModel(**SMALL, global_map_scales=scales)
+
+
+def test_statistics_of_other_global_map_scales_are_refused_until_recomputed() -> None:
+    full = DskdModel(**SMALL).eval()
+    full.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    fast = DskdModel(**SMALL, global_map_scales=[1, 2]).eval()
+    fast.load_state_dict(full.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    with pytest.raises(RuntimeError, match=r"global_map_scales=\(0, 1, 2\).*Recompute"):
+        fast(images)
+    fast.set_statistics(torch.tensor([0.4, 0.01]), torch.tensor([0.1, 0.004]), 10)
+    assert fast.statistics_scales.tolist() == [0, 1, 1]
+    assert isinstance(fast(images), InferenceBatch)
+    # a checkpoint from before the option (no statistics_scales entry) scored every scale
+    state = full.state_dict()
+    del state["statistics_scales"]
+    old = DskdModel(**SMALL).eval()
+    old.load_state_dict(state)
+    assert old.statistics_scales.tolist() == [1, 1, 1]
+    assert isinstance(old(images), InferenceBatch)
+
+
+@pytest.mark.slow
+def test_export_parity_with_fewer_global_map_scales(tmp_path) -> None:  # noqa: ANN001
+    from tests.export_utils import assert_export_parity
+
+    model = Dskd(
+        backbone="mobilenetv2_100", pre_trained=False, gccb_channels=16, global_map_scales=[1, 2],
+        pre_processor=PreProcessor(transform=Resize((64, 64))), visualizer=False, evaluator=False,
+    )
+    model.model.set_statistics(torch.tensor([0.4, 0.01]), torch.tensor([0.1, 0.004]), 10)
+    assert_export_parity(model, tmp_path, (64, 64))
+
+
 def test_dskd_is_registered_with_anomalib() -> None:
     from anomalib.models import get_model
 

@@ -71,6 +71,11 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         affinity_chunk_size: query positions per affinity chunk (memory ``O(B * chunk * N)``);
             ``None`` computes the ``N x N`` affinities at once. Defaults to ``512``.
         students: ``"both"`` (default, DSKD), ``"local"`` or ``"global"`` (one student alone, Table 4).
+        global_map_scales: indices into ``layers`` (0 = shallowest) of the scales summed into the
+            global student's anomaly map; ``None`` (default, paper) = all. ``[1, 2]`` skips the
+            shallowest scale's ``N^2`` affinity map at inference (faster, see ``docs/models/dskd.md``
+            for the measured cost and accuracy); training always uses every scale. The Eq. 8
+            statistics belong to one choice: after changing it on a trained model, recompute them.
         statistics_source: where Eq. 8's mean / std come from. ``"validation"`` (default, paper):
             the normal images (``gt_label == 0``) of the validation set, recomputed at the start of
             every validation epoch, falling back to the training set when there is no validation
@@ -102,6 +107,7 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         temperature: float = 1.0,
         affinity_chunk_size: int | None = 512,
         students: str = "both",
+        global_map_scales: Sequence[int] | None = None,
         statistics_source: str = "validation",
         sigma: float = 4.0,
         lr: float = 0.005,
@@ -136,6 +142,7 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             chunk_size=affinity_chunk_size,
             sigma=sigma,
             students=students,
+            global_map_scales=global_map_scales,
         )
         active = STUDENTS[students]
         self.loss = DskdLoss(

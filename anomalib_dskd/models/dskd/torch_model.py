@@ -47,11 +47,18 @@ class DskdModel(nn.Module):
         chunk_size: query positions per affinity chunk (``None`` = direct ``N x N``).
         sigma: Gaussian smoothing of the final map.
         students: ``"both"`` (DSKD), or ``"local"`` / ``"global"`` for one student alone (Table 4).
+        global_map_scales: indices into ``layers`` (0 = shallowest) of the scales whose maps make the
+            global student's anomaly map; ``None`` = all (paper, Sec. 3.5). Training is unaffected
+            (the loss always covers every scale). ``(1, 2)`` drops the ``N^2`` affinity map at the
+            shallowest scale (4096 x 4096 at 256 px), the largest single cost of Dskd's inference
+            (accuracy and speed measured in ``docs/models/dskd.md``).
 
     Buffers (saved in checkpoints, constant-folded into exported graphs): ``map_mean`` and
     ``map_std`` (float64, Eq. 8's mu and sigma, one entry per active student in the order of
     :attr:`students`) and ``statistics_images`` (the number of normal images they come from;
-    ``0`` = not calibrated yet, in which case mean 0 and std 1 are used: the raw maps are added).
+    ``0`` = not calibrated yet, in which case mean 0 and std 1 are used: the raw maps are added)
+    and ``statistics_scales`` (the global map scales the statistics were computed with: scoring
+    with other scales refuses to run until the statistics are recomputed).
 
     In train mode ``forward`` returns ``(teacher_features, local_features, global_features)``
     (``None`` for an absent student); in eval mode an :class:`~anomalib.data.InferenceBatch`
@@ -71,6 +78,7 @@ class DskdModel(nn.Module):
         chunk_size: int | None = 512,
         sigma: float = 4.0,
         students: str = "both",
+        global_map_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if students not in STUDENTS:
@@ -91,6 +99,7 @@ class DskdModel(nn.Module):
         # Teacher + local student (OCBE_loc + decoder): reverse distillation unchanged.
         self.core = ReverseDistillationCore(backbone, layers, pre_trained, input_size)
         architecture = self.core.architecture
+        self.global_map_scales = resolve_map_scales(global_map_scales, len(architecture.channels))
         self.input_size: tuple[int, int] = self.core.input_size
         embedding_channels, height, width = architecture.embedding_shape(self.input_size)
         # Global student: its own OCBE, the GCCB, a decoder identical in structure to the local one.
@@ -108,9 +117,37 @@ class DskdModel(nn.Module):
         self.register_buffer("map_mean", torch.zeros(count, dtype=torch.float64))
         self.register_buffer("map_std", torch.ones(count, dtype=torch.float64))
         self.register_buffer("statistics_images", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("statistics_scales", self._scale_mask())
         self.map_mean: torch.Tensor
         self.map_std: torch.Tensor
         self.statistics_images: torch.Tensor
+        self.statistics_scales: torch.Tensor
+
+    def _scale_mask(self) -> torch.Tensor:
+        mask = torch.zeros(len(self.core.architecture.channels), dtype=torch.uint8)  # uint8: gloo broadcasts it
+        mask[list(self.global_map_scales)] = 1
+        return mask
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # Checkpoints written before ``global_map_scales`` existed always scored every scale.
+        key = prefix + "statistics_scales"
+        if key not in state_dict and prefix + "map_mean" in state_dict:
+            state_dict[key] = torch.ones_like(self.statistics_scales)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_statistics_scales(self) -> None:
+        """Refuse to score with statistics computed for other global map scales (they would misweigh Eq. 8)."""
+        if "global" not in self.students or not self.is_calibrated:
+            return
+        current = self._scale_mask().to(self.statistics_scales.device)
+        if not torch.equal(current, self.statistics_scales):
+            used = self.statistics_scales.nonzero().flatten().tolist()
+            msg = (
+                f"Dskd's map statistics (Eq. 8) were computed with global_map_scales={tuple(used)}, but the model "
+                f"now scores scales {self.global_map_scales}. Recompute them for these scales: Engine.validate(model, "
+                "datamodule) or Dskd.compute_statistics(normal_images_loader)."
+            )
+            raise RuntimeError(msg)
 
     @property
     def teacher(self) -> nn.Module:
@@ -136,6 +173,7 @@ class DskdModel(nn.Module):
         self.map_mean.copy_(torch.as_tensor(mean, dtype=torch.float64))
         self.map_std.copy_(torch.as_tensor(std, dtype=torch.float64))
         self.statistics_images.fill_(float(images))
+        self.statistics_scales.copy_(self._scale_mask())
 
     def set_input_size(self, input_size: Sequence[int]) -> None:
         """Adapt to a new input size: rebuilds the GCCB (its kernel is the embedding size) if needed.
@@ -185,15 +223,25 @@ class DskdModel(nn.Module):
         return self._maps(teacher, {"local": local, "global": glob})
 
     def _maps(self, teacher: list[torch.Tensor], students: dict[str, list[torch.Tensor] | None]) -> list[torch.Tensor]:
-        return [
-            upsampled_student_map(
-                self.map_kinds[name], teacher, students[name], self.input_size, self.temperature, self.chunk_size
+        maps = []
+        for name in self.students:
+            features = students[name]
+            assert features is not None  # noqa: S101 - an active student always has features
+            teacher_scales = teacher
+            if name == "global" and len(self.global_map_scales) < len(teacher):
+                teacher_scales = [teacher[i] for i in self.global_map_scales]
+                features = [features[i] for i in self.global_map_scales]
+            maps.append(
+                upsampled_student_map(
+                    self.map_kinds[name], teacher_scales, features, self.input_size, self.temperature, self.chunk_size
+                )
             )
-            for name in self.students
-        ]
+        return maps
 
     def predict_with_student_maps(self, images: torch.Tensor) -> tuple[InferenceBatch, dict[str, torch.Tensor]]:
         """Eval output plus the smoothed standardised map of each student (they add up to ``anomaly_map``)."""
+        if not torch.compiler.is_compiling():
+            self.check_statistics_scales()
         maps = self.student_maps(images)
         mean, std = self.map_mean, self.map_std
         anomaly_map, parts = self.fusion(maps, list(mean.unbind(0)), list(std.unbind(0)))
@@ -209,6 +257,20 @@ class DskdModel(nn.Module):
         if self.training:
             return self.features(images)
         return self.predict_with_student_maps(images)[0]
+
+
+def resolve_map_scales(scales: Sequence[int] | None, count: int) -> tuple[int, ...]:
+    """Validated, sorted scale indices (``None`` = all ``count`` scales)."""
+    if scales is None:
+        return tuple(range(count))
+    resolved = tuple(sorted({int(index) for index in scales}))
+    if not resolved or resolved[0] < 0 or resolved[-1] >= count or len(resolved) != len(tuple(scales)):
+        msg = (
+            f"global_map_scales must be distinct indices into the teacher's {count} layers (0 = shallowest, "
+            f"{count - 1} = deepest), at least one, got {tuple(scales)}."
+        )
+        raise ValueError(msg)
+    return resolved
 
 
 def warn_if_uncalibrated(model: DskdModel, stage: str) -> None:
