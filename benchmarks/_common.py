@@ -1,4 +1,4 @@
-"""Helpers shared by the model benchmark scripts (``bench_ard.py``, ``bench_glance.py``).
+"""Helpers shared by the model benchmark scripts (``bench_ard.py``, ``bench_glance.py``, ``packd_fewshot.py``).
 
 Scripts in this folder import it as ``from _common import ...`` (Python puts the script's folder on
 ``sys.path``).

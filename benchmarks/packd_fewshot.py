@@ -38,13 +38,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch
+from _common import raw_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,26 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
-
-
-def raw_metrics(
-    scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
-) -> dict[str, float]:
-    """Image AUROC, pixel AUROC (raw values ranked as given) and AU-PRO (fpr_limit 0.3)."""
-    from anomalib.metrics import AUPRO
-
-    from anomalib_dskd.metrics import raw_auroc
-
-    batch = SimpleNamespace(pred_score=scores, anomaly_map=maps.squeeze(1), gt_label=labels, gt_mask=masks)
-    results = {}
-    for name, metric in (
-        ("image_auroc", raw_auroc(["pred_score", "gt_label"])),
-        ("pixel_auroc", raw_auroc(["anomaly_map", "gt_mask"])),
-        ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)),
-    ):
-        metric.update(batch)
-        results[name] = float(metric.compute())
-    return results
 
 
 def load_test_set(target: dict, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
