@@ -161,18 +161,21 @@ def test_bottleneck_blocks_get_attention(kind: str) -> None:
 # The attention is really applied
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def imagenet_rd() -> RdModel:
-    """Plain RD with the ImageNet MobileNetV2 teacher (random when the shared weights are absent)."""
+def rd_shared_or_random_teacher() -> RdModel:
+    """Plain RD with the shared ImageNet MobileNetV2 teacher, or a RANDOM-init teacher when
+    ``../shared/weights/mobilenet_v2-b0353104.pth`` is absent (the test below holds for either)."""
     torch.manual_seed(0)
     return RdModel("mobilenetv2_100", pre_trained=mobilenet_weights(), input_size=SIZE).eval()
 
 
 @pytest.mark.parametrize("position", ATTENTION_POSITIONS)
 @pytest.mark.parametrize("kind", ATTENTION_TYPES)
-def test_attention_changes_output_and_is_the_only_difference(imagenet_rd: RdModel, kind: str, position: str) -> None:
-    """Same (ImageNet, when available) teacher and same RD weights: attention changes the output,
-    and replacing the attention modules by identities gives exactly plain RD's output."""
-    rd = imagenet_rd
+def test_attention_changes_output_and_is_the_only_difference(
+    rd_shared_or_random_teacher: RdModel, kind: str, position: str,
+) -> None:
+    """Same teacher (ImageNet weights from ../shared when present, else random init) and same RD weights:
+    attention changes the output, and replacing the attention modules by identities gives exactly plain RD's output."""
+    rd = rd_shared_or_random_teacher
     ard = ArdModel(
         "mobilenetv2_100", pre_trained=False, input_size=SIZE, attention_type=kind, attention_position=position
     ).eval()

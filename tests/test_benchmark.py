@@ -1,9 +1,10 @@
 """Tests of the benchmark grid (``anomalib_dskd.benchmark``, ``anomalib-dskd benchmark``).
 
-Fast: config validation (unknown model, missing dataset path, unset variables), the shipped configs,
-the report schema, latency measurement in torch / OpenVINO f32 / OpenVINO INT8 on a tiny network.
-Slow: the real grid on generated data (Rd + Padim with a random resnet18 teacher at 64x64, one
-epoch), interrupted after one cell and resumed, with a deliberately failing cell.
+Fast: config validation (unknown model, missing dataset path, unset variables, interpolation and
+override errors), the shipped configs, the report schema, latency measurement in torch / OpenVINO f32 on a
+tiny network. Slow: NNCF INT8 quantisation of that network; the real grid on generated data (Rd + Padim
+with a random resnet18 teacher at 64x64, one epoch), interrupted after one cell and resumed, with a
+deliberately failing cell.
 """
 
 from __future__ import annotations
@@ -113,6 +114,84 @@ def test_overrides_and_variables() -> None:
     assert cells[0].spec_hash() != load_config(CONFIGS / "tiny.yaml").cells()[0].spec_hash()
 
 
+def test_variable_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``${env:NAME}`` (and a default), variables built from variables, ``--var`` over ``variables:``."""
+    monkeypatch.setenv("DSKD_TEST_ROOT", str(tmp_path))
+    monkeypatch.delenv("DSKD_TEST_UNSET", raising=False)
+    raw = tiny_config()
+    raw["variables"] = {
+        "root": "${env:DSKD_TEST_ROOT}", "data": "${root}/data", "unset": "${env:DSKD_TEST_UNSET}",
+        "fallback_name": "${env:DSKD_TEST_UNSET,generated}",
+    }
+    raw["name"] = "${fallback_name}-${data}"
+    raw["teacher"]["weights"] = "${unset}/w.pth"
+    raw["teacher"]["fallback"] = "random"
+    config = load_config(raw)
+    assert config.variables == {"root": str(tmp_path), "data": f"{tmp_path}/data", "unset": None,
+                                "fallback_name": "generated"}
+    assert config.name == f"generated-{tmp_path}/data"
+    assert config.raw["variables"] == raw["variables"]  # kept as written
+    assert config.teacher.weights is False and "random-init teacher" in config.notes[0]
+    # --var wins over `variables:`, and variables built from it follow
+    config = load_config(raw, variables={"root": "/elsewhere"})
+    assert config.variables["data"] == "/elsewhere/data"
+    # an unset variable in a teacher path without a fallback names the variable
+    raw["teacher"]["fallback"] = "error"
+    with pytest.raises(ConfigError, match=r"teacher.weights '\$\{unset\}/w.pth' uses \$\{unset\}, which is not set"):
+        load_config(raw).cells()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "${no_such_var}/x"}, r"unknown variable \$\{no_such_var\} in '\$\{no_such_var\}/x'.*--var no_such_var=VALUE"),
+        ({"variables": {"a": "${b}"}}, r"unknown variable \$\{b\}"),
+        ({"variables": ["shared"]}, r"`variables` must be a mapping"),
+        ({"name": "${oc.env:DSKD_TEST_UNSET}"}, r"cannot read name .*DSKD_TEST_UNSET"),
+        ({"name": "${}"}, r"cannot read name \('\$\{\}'\)"),
+        ({"measure": {"speed_on": "sometimes"}}, r"measure.speed_on must be all, first_dataset or none, got 'sometimes'"),
+        ({"runner": {"isolation": "thread"}}, r"runner.isolation must be subprocess, forkserver or none"),
+        ({"evaluation": {"loco": "on"}}, r"evaluation.loco must be auto or off"),
+        ({"measure": {"runtimes": ["tensorrt"]}}, r"measure.runtimes: unknown runtime\(s\) \['tensorrt'\]"),
+        ({"measure": [1]}, r"`measure` must be a mapping, got list"),
+        ({"image_size": [64, 0]}, r"image_size must be \[height, width\] with positive integers"),
+        ({"seeds": []}, r"seeds must be a non-empty list of integers"),
+        ({"models": [{"name": "Rd", "epoch": 2}]}, r"models\[0\] \(Rd\): unknown key\(s\) \['epoch'\]"),
+        ({"models": [{"name": "Rd", "epochs": 0}]}, r"model Rd: epochs must be a positive integer, got 0"),
+        ({"models": [{"name": "Rd"}, {"name": "Rd"}]}, r"models: duplicate label\(s\) \['Rd'\]"),
+        ({"datasets": [{"name": "d", "format": "synthetic_loco", "generate": {"n_images": 3}}]},
+         r"dataset d: unknown `generate` key\(s\) \['n_images'\]"),
+        ({"datasets": [{"name": "d", "format": "synthetic_loco", "roots": "/x"}]}, r"dataset d: unknown key\(s\) \['roots'\]"),
+        ({"datasets": [{"name": "d", "format": "png"}]}, r"dataset d: format must be one of"),
+    ],
+)
+def test_config_errors(change: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSKD_TEST_UNSET", raising=False)
+    raw = {**tiny_config(), **change}
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw).cells()
+
+
+def test_override_errors_and_semantics() -> None:
+    with pytest.raises(ConfigError, match=r"override 'seeds' must look like dotted.key=value"):
+        load_config(CONFIGS / "tiny.yaml", overrides=["seeds"])
+    for bad in ("datasets.5.name=x", "datasets.first.name=x"):
+        with pytest.raises(ConfigError, match=rf"override '{bad}' does not fit the config"):
+            load_config(CONFIGS / "tiny.yaml", overrides=[bad])
+    config = load_config(CONFIGS / "tiny.yaml", overrides=[
+        "budgets.distillation={steps: 3}",  # a mapping replaces the mapping (epochs: 1 is gone)
+        "datasets.0.generate.n_train=6",  # list items by index
+        "measure.warmup=",  # empty: null
+        "runner.env.MY_FLAG=1",  # new keys are created
+    ])
+    assert config.raw["budgets"]["distillation"] == {"steps": 3}
+    assert config.datasets[0].generate["n_train"] == 6
+    assert config.raw["measure"]["warmup"] is None
+    assert config.runner["env"]["MY_FLAG"] == "1"
+    rd = next(m for m in config.models if m.class_name == "Rd")
+    assert (rd.steps, rd.epochs) == (3, None)
+
+
 def test_folder_dataset(tiny_mvtec_ad: tuple[Path, str]) -> None:
     from anomalib_dskd.benchmark.data import build_datamodule
 
@@ -148,6 +227,12 @@ def test_step_budget_and_model_override() -> None:
 
 @pytest.mark.parametrize("name", ["quick", "full"])
 def test_shipped_configs_validate(name: str, tmp_path: Path) -> None:
+    """The shipped profiles expand into their grids (validation only, nothing is trained or loaded).
+
+    quick: with ``../shared`` when present; without ``../shared/weights`` the teacher is overridden to
+    RANDOM weights (``teacher.weights=random``) instead of resolving the ImageNet file. full: the
+    official dataset layouts faked as empty folders, hub weights (not downloaded).
+    """
     if name == "quick":
         shared = Path(os.environ.get("ANOMALIB_DSKD_SHARED", REPO.parent / "shared"))
         overrides = [] if (shared / "weights").is_dir() else ["teacher.weights=random"]
@@ -170,7 +255,7 @@ def test_shipped_configs_validate(name: str, tmp_path: Path) -> None:
 # ==================================================================================================
 # Report schema (no training)
 # ==================================================================================================
-def _fake_result(spec, status: str = "ok", error: str | None = None, auroc: float = 0.9) -> dict:  # noqa: ANN001
+def _fake_result(spec, status: str = "ok", error: str | None = None, auroc: float = 0.9) -> dict:
     from anomalib_dskd.benchmark.cell import empty_result
 
     result = empty_result(spec, status=status, error=error)
@@ -223,29 +308,47 @@ def test_report_schema(tmp_path: Path) -> None:
 # ==================================================================================================
 # Latency measurement
 # ==================================================================================================
-def test_latency_each_runtime_is_positive_and_finite(tmp_path: Path) -> None:
-    import numpy as np
+LATENCY_SIZE = (32, 32)
+
+
+def _tiny_openvino_net(tmp_path: Path) -> tuple[object, Path]:
     import openvino as ov
     import torch
 
-    from anomalib_dskd.benchmark import measure
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 3, padding=1))
-    size = (32, 32)
-    stats = measure.torch_latency(net, size, warmup=1, runs=3, threads=1)
-    assert stats["runs"] == 3
-    assert all(_finite_positive(stats[k]) for k in ("median", "p90", "mean", "min"))
-
     xml = tmp_path / "f32" / "model.xml"
     xml.parent.mkdir()
-    ov.save_model(ov.convert_model(net.eval(), example_input=torch.rand(1, 3, *size)), str(xml), compress_to_fp16=False)
-    f32 = measure.openvino_latency(xml, size, warmup=1, runs=3, threads=1)
-    int8_xml = measure.quantize_int8(xml, np.random.default_rng(0).random((4, 3, *size), dtype=np.float32), tmp_path / "int8")
-    int8 = measure.openvino_latency(int8_xml, size, warmup=1, runs=3, threads=1)
-    assert _finite_positive(f32["median"]) and _finite_positive(int8["median"])
-    assert measure.openvino_size_mb(xml) > 0 and measure.openvino_size_mb(int8_xml) > 0
+    example = torch.rand(1, 3, *LATENCY_SIZE)
+    ov.save_model(ov.convert_model(net.eval(), example_input=example), str(xml), compress_to_fp16=False)
+    return net, xml
+
+
+def test_latency_torch_and_openvino_f32_are_positive_and_finite(tmp_path: Path) -> None:
+    from anomalib_dskd.benchmark import measure
+
+    net, xml = _tiny_openvino_net(tmp_path)
+    stats = measure.torch_latency(net, LATENCY_SIZE, warmup=1, runs=3, threads=1)
+    assert stats["runs"] == 3
+    assert all(_finite_positive(stats[k]) for k in ("median", "p90", "mean", "min"))
+    f32 = measure.openvino_latency(xml, LATENCY_SIZE, warmup=1, runs=3, threads=1)
+    assert _finite_positive(f32["median"])
+    assert measure.openvino_size_mb(xml) > 0
     assert measure.peak_rss_mb() > 0
+
+
+@pytest.mark.slow  # NNCF post-training quantisation
+def test_latency_openvino_int8_quantisation(tmp_path: Path) -> None:
+    import numpy as np
+
+    from anomalib_dskd.benchmark import measure
+
+    _, xml = _tiny_openvino_net(tmp_path)
+    calibration = np.random.default_rng(0).random((4, 3, *LATENCY_SIZE), dtype=np.float32)
+    int8_xml = measure.quantize_int8(xml, calibration, tmp_path / "int8")
+    int8 = measure.openvino_latency(int8_xml, LATENCY_SIZE, warmup=1, runs=3, threads=1)
+    assert _finite_positive(int8["median"])
+    assert measure.openvino_size_mb(int8_xml) > 0
 
 
 # ==================================================================================================

@@ -246,6 +246,7 @@ def trained(few_shot_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"model": model, "datamodule": datamodule, "engine": engine, "results": results, "root": root}
 
 
+@pytest.mark.slow  # uses `trained`: an Engine training
 def test_engine_fit_and_test_over_draws(trained: dict) -> None:
     model, results = trained["model"], trained["results"]
     assert model.k_shot == 2
@@ -263,6 +264,7 @@ def test_engine_fit_and_test_over_draws(trained: dict) -> None:
     assert bool(state["model.support_ready"])  # the prototypes of the validation draw are in the checkpoint
 
 
+@pytest.mark.slow  # uses `trained`: an Engine training
 def test_set_support_from_folder_and_errors(trained: dict, few_shot_root: Path, tmp_path: Path) -> None:
     from anomalib_dskd.models.packd import SupportError
 

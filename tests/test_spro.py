@@ -112,10 +112,14 @@ def test_hand_fixture(tmp_path: Path, kwargs: dict, tol: float) -> None:
         assert result.refinement_passes >= 1
     for bound in result.error_bound.values():
         assert max(bound.values()) <= 1e-4
-    # sPRO at fixed thresholds (anomaly_map >= t)
-    assert result.spro_at(0.5, "logical_anomalies") == pytest.approx(1.0)
+    # sPRO at fixed thresholds: anomaly_map > t, strictly (official np.greater). The logical defect's
+    # second-best pixel is exactly 0.5: at t = 0.5 it is negative, just below 0.5 it counts.
+    assert result.spro_at(0.5, "logical_anomalies") == pytest.approx(0.5)
+    assert result.spro_at(0.49, "logical_anomalies") == pytest.approx(1.0)
     assert result.spro_at(0.5, "structural_anomalies") == pytest.approx(0.5)
-    assert result.spro_at(0.5) == pytest.approx(0.75)
+    assert result.spro_at(0.5) == pytest.approx(0.5)
+    assert result.spro_at(0.49) == pytest.approx(0.75)
+    assert result.spro_at(0.95) == 0.0  # the best pixel is 0.95: nothing is above
     assert result.spro_at(0.96) == 0.0
     curve = result.curves["structural_anomalies"]
     assert curve.fpr[0] == 0 and curve.spro[0] == 0 and curve.fpr[-1] == 1 and curve.spro[-1] == 1
@@ -129,6 +133,10 @@ def test_evaluate_loco_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"classification", "localization"}
+    assert set(metrics["localization"]) == {"auc_spro", "per_threshold"}
+    per_threshold = metrics["localization"]["per_threshold"]
+    assert set(per_threshold) == {"thresholds", "mean_spros", "fp_rates"}
+    assert len(per_threshold["thresholds"]) == len(per_threshold["mean_spros"]) == len(per_threshold["fp_rates"]) > 2
     assert set(metrics["localization"]["auc_spro"]) == {"logical_anomalies", "structural_anomalies", "mean"}
     assert list(metrics["localization"]["auc_spro"]["mean"]) == list(LIMITS)
     assert_auc(metrics["localization"]["auc_spro"], HAND_EXPECTED, 1e-12)
@@ -144,6 +152,108 @@ def test_evaluate_loco_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     code = cli_main(["evaluate-loco", "--object_name", "hand", "--dataset_base_dir", str(dataset),
                      "--anomaly_maps_dir", str(maps), "--curve_max_distance", "0.001", "--no-progress"])
     assert code == 0
+
+
+# ---------------------------------------------------------------------------------------------- per_threshold
+def brute_force_curve(items: list, thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """FPR over every defect-free pixel and mean sPRO over every defect, at ``score > t`` (official np.greater)."""
+    from anomalib_dskd.metrics.spro_core import check_map, resize_map
+
+    negatives, defects = [], []
+    for item in items:
+        anomaly_map = check_map(item.load_map(), item.name)
+        gt = item.load_ground_truth(anomaly_map.shape)
+        full = resize_map(anomaly_map, gt.shape).ravel()
+        defect_free = np.ones(full.size, dtype=bool)
+        for channel in gt.channels:
+            defects.append((full[channel.flat_index], channel.saturation_area))
+            defect_free[channel.flat_index] = False
+        negatives.append(full[defect_free])
+    t = np.asarray(thresholds, dtype=np.float64)[:, None]
+    negative = np.concatenate(negatives)[None, :]
+    fpr = (negative > t).mean(axis=1)
+    spro = np.mean([np.minimum((values[None, :] > t).sum(axis=1), s) / s for values, s in defects], axis=0)
+    return fpr, spro
+
+
+def check_per_threshold(result, items: list, distance: float = 0.01) -> dict:
+    block = result.to_official_json()["localization"]["per_threshold"]
+    thresholds, spros, fprs = block["thresholds"], block["mean_spros"], block["fp_rates"]
+    assert len(thresholds) == len(spros) == len(fprs)
+    assert np.all(np.diff(thresholds) < 0), "thresholds must descend"
+    assert (fprs[0], spros[0], fprs[-1], spros[-1]) == (0.0, 0.0, 1.0, pytest.approx(1.0))
+    assert len(thresholds) <= 2 * (2 / distance + 1)
+    fpr, spro = brute_force_curve(items, thresholds)
+    np.testing.assert_allclose(fprs, fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(spros, spro, rtol=0, atol=1e-9)
+    return block
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"mode": "exact"}, {"mode": "binned"}, {"mode": "binned", "num_bins": 4, "refine_factor": 4}],
+)
+def test_per_threshold_hand_fixture(tmp_path: Path, kwargs: dict) -> None:
+    from anomalib_dskd.cli.evaluate_loco import collect_items
+
+    write_hand_fixture(tmp_path)
+    items = collect_items("hand", tmp_path / "dataset", tmp_path / "maps")
+    block = check_per_threshold(compute_loco_metrics(items, **kwargs), items)
+    if kwargs["mode"] == "exact":
+        # every distinct score is a threshold; defect-free {0.95, 0.2, 0.3, 0.4, 0.05, 0.15}, defects
+        # {0.95, 0.5 | 0.35} (s = 2), {0.7 | 0.6} (s = 1), {0.25} (s = 1). Tie: at t = 0.5 the pixel scored
+        # 0.5 is NOT positive (mean sPRO (1/2 + 1 + 0) / 3 = 0.5, not 2/3)
+        at = {round(t, 6): (f, p) for t, f, p in zip(block["thresholds"], block["fp_rates"], block["mean_spros"],
+                                                      strict=True)}
+        assert at[0.5] == (pytest.approx(1 / 6), pytest.approx(0.5))
+        assert at[0.4] == (pytest.approx(1 / 6), pytest.approx(2 / 3))
+        assert at[0.95] == (0.0, 0.0)  # the highest score: nothing is above it
+
+
+def test_tie_at_threshold_is_negative(tmp_path: Path) -> None:
+    """A pixel exactly equal to a threshold is not positive, in spro_at and in per_threshold (both modes)."""
+    from anomalib_dskd.cli.evaluate_loco import collect_items
+
+    maps = {"good": {"000": [[0.5, 0.25], [0.25, 0.25]]}, "logical_anomalies": {"000": [[0.5, 0.5], [0.25, 0.25]]}}
+    gt = {("logical_anomalies", "000"): [[[255, 255], [0, 0]]]}  # both defect pixels are tied at 0.5 (s = 2)
+    write_hand_fixture(tmp_path, maps=maps, gt=gt)
+    items = collect_items("hand", tmp_path / "dataset", tmp_path / "maps")
+    for mode in ("exact", "binned"):
+        result = compute_loco_metrics(items, mode=mode)
+        assert result.spro_at(0.5) == 0.0
+        assert result.spro_at(float(np.nextafter(np.float32(0.5), np.float32(0)))) == 1.0
+        block = check_per_threshold(result, items)
+        if mode == "exact":
+            assert block["thresholds"][0] == 0.5 and block["fp_rates"][0] == 0 and block["mean_spros"][0] == 0
+
+
+def test_per_threshold_random_maps_with_ties(tmp_path: Path) -> None:
+    """Quantised random scores (many ties), several defects per image: exact counts at every listed threshold."""
+    from anomalib_dskd.cli.evaluate_loco import collect_items
+
+    rng = np.random.default_rng(3)
+    maps, gt = {"good": {}, "logical_anomalies": {}, "structural_anomalies": {}}, {}
+    for subset, count in (("good", 4), ("logical_anomalies", 3), ("structural_anomalies", 3)):
+        for k in range(count):
+            maps[subset][f"{k:03d}"] = (rng.integers(0, 16, (12, 12)) / 16).tolist()
+            if subset != "good":
+                channels = []
+                for _ in range(int(rng.integers(1, 3))):
+                    channel = np.zeros((12, 12), np.uint8)
+                    y, x = rng.integers(0, 9, 2)
+                    channel[y : y + 3, x : x + 4] = int(rng.choice([255, 200]))
+                    channels.append(channel.tolist())
+                gt[(subset, f"{k:03d}")] = channels
+    write_hand_fixture(tmp_path, maps=maps, gt=gt)
+    items = collect_items("hand", tmp_path / "dataset", tmp_path / "maps")
+    exact = check_per_threshold(compute_loco_metrics(items, mode="exact"), items)
+    check_per_threshold(compute_loco_metrics(items, mode="binned", num_bins=8, refine_factor=4), items)
+    check_per_threshold(compute_loco_metrics(items, mode="binned"), items)
+    # thinning keeps a subset of the exact curve's thresholds
+    full = check_per_threshold(compute_loco_metrics(items, mode="exact", per_threshold_distance=1e-9), items, 1e-9)
+    assert set(exact["thresholds"]) <= set(full["thresholds"])
+    assert len(full["thresholds"]) == 16 + 1  # one per distinct score (1/16 steps, 0 .. 15/16) and one below
+    assert compute_loco_metrics(items, per_threshold_distance=None).to_official_json()["localization"].keys() == {
+        "auc_spro"}
 
 
 def test_maps_are_upsampled_to_ground_truth(tmp_path: Path) -> None:
@@ -272,6 +382,10 @@ def test_golden_fixture_cli(shared_dir: Path, tmp_path: Path, extra: list[str]) 
     expected = json.loads((golden / "expected.json").read_text())
     worst = _compare_with_expected(metrics, expected)
     assert worst < 2e-4  # observed: 9.2e-5 (exact); the official refinement itself moves numbers by ~1e-4
+    per_threshold = metrics["localization"]["per_threshold"]  # the whole test set's curve, as the official script
+    assert per_threshold["fp_rates"][0] == 0 and per_threshold["fp_rates"][-1] == 1
+    assert per_threshold["mean_spros"][-1] == pytest.approx(1.0)
+    assert np.all(np.diff(per_threshold["thresholds"]) < 0)
 
 
 def test_golden_fixture_evaluator(shared_dir: Path) -> None:

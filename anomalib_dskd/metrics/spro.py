@@ -316,7 +316,7 @@ class AUSPRO(AnomalibMetric, _LocoState):  # type: ignore[misc]
 
 
 class SPRO(AnomalibMetric, _LocoState):  # type: ignore[misc]
-    """Mean saturated per-region overlap at a fixed threshold (``anomaly_map >= threshold``).
+    """Mean saturated per-region overlap at a fixed threshold (``anomaly_map > threshold``, strictly, as MVTec's).
 
     Same arguments as :class:`AUSPRO`, with ``threshold`` instead of ``integration_limit``.
     Default name ``{prefix}SPRO_{subset}``.

@@ -4,29 +4,36 @@ This is the computation behind :class:`~anomalib_dskd.metrics.AUSPRO`,
 :class:`~anomalib_dskd.metrics.LocoEvaluator` and ``anomalib-dskd evaluate-loco``. It follows
 MVTec's official evaluation v2.0 (``evaluate_experiment.py``):
 
+* a pixel is positive at threshold t when its score is strictly greater than t (the official
+  ``np.greater``: a score equal to t is negative);
 * each defect channel k of an anomalous image has a saturation area ``s_k`` (from
   ``defects_config.json``); its saturated overlap at threshold t is
-  ``min(#{defect pixels with score >= t}, s_k) / s_k``; sPRO(t) is the mean over all defects of
+  ``min(#{defect pixels with score > t}, s_k) / s_k``; sPRO(t) is the mean over all defects of
   the subset;
 * FPR(t) is the fraction of defect-free pixels (pixels no channel marks; all pixels of good
-  images) with score >= t;
+  images) with score > t;
 * one curve for {logical + good} and one for {structural + good} (generally: each anomalous
   subset directory + good); AU-sPRO(L) is the trapezoid area of sPRO over FPR in [0, L],
   interpolated linearly at L, divided by L; ``mean`` averages the subsets;
 * image AUROC per subset (subset images against good images), image score = max of the map
-  unless the caller gives one; ``mean`` averages the subsets.
+  unless the caller gives one; ``mean`` averages the subsets;
+* ``per_threshold`` (``metrics.json``'s ``localization.per_threshold``): thresholds in descending
+  order with the FPR over all defect-free pixels of the test set and the mean sPRO over all its
+  defects (every subset together, as the official script's ``MetricsAggregator``).
 
 Instead of the official script's iterative threshold refinement (``curve_max_distance``) the curve
 is computed exactly or with a certified error bound:
 
 ``exact``
-    All scores are sorted once; the curve has a point at every distinct score (the limit of the
-    official refinement for ``curve_max_distance -> 0``). Used when the test set has at most
+    All scores are sorted once; the curve has a point at every distinct score b: the point of the
+    thresholds t just below b (``score > t`` selects the scores ``>= b``), the limit of the official
+    refinement for ``curve_max_distance -> 0``. Used when the test set has at most
     ``exact_max_pixels`` pixels (default 2**24, e.g. 100 maps of 400x400).
 ``binned``
     For large test sets (a full LOCO category has ~400 million pixels): defect pixels are kept
     exactly (only the ``s_k`` highest scores of each defect matter), defect-free pixels are
-    counted in ``num_bins`` equal-width score bins. Each bin edge is a genuine threshold, so every
+    counted in ``num_bins`` equal-width score bins. Each bin edge e is a genuine threshold (the
+    largest float32 t below it: ``score > t`` selects the scores in the bins from e up), so every
     curve point is exact; only the straight segment between two consecutive points replaces the
     true staircase, which changes AU-sPRO(L) by at most ``sum(dFPR * dsPRO) / (2 L)`` over the
     bins below L. Bins whose share of that bound is too large are split again (another pass over
@@ -34,7 +41,14 @@ is computed exactly or with a certified error bound:
     were made; the bound is reported in :attr:`LocoResult.error_bound`.
 
 Ties: pixels with equal scores pass a threshold together; the segment between the two points
-around a tie is a straight line (as in the official script, which thresholds with ``>=``).
+around a tie is a straight line (as in the official script, which thresholds with ``np.greater``:
+at a threshold equal to their score, tied pixels are all negative).
+
+``per_threshold`` lists the points of the overall curve at genuine thresholds (exact counts with
+``score > t`` in both modes: distinct scores in the exact mode, bin edges in the binned mode), thinned
+so that consecutive points are at most ``per_threshold_distance`` apart where the scores allow (the
+official script stops refining at ``curve_max_distance``, 0.01 by default); the first threshold is the
+highest score (FPR 0, sPRO 0), the last one lies just below the lowest score (FPR 1, sPRO 1).
 """
 
 from __future__ import annotations
@@ -50,6 +64,8 @@ import numpy as np
 from anomalib_dskd.metrics.loco_data import GOOD, LOGICAL, STRUCTURAL, GroundTruth, LocoDataError
 
 DEFAULT_INTEGRATION_LIMITS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.3, 1.0)
+#: largest distance between consecutive ``per_threshold`` points (the official ``curve_max_distance`` default)
+PER_THRESHOLD_DISTANCE = 0.01
 EXACT_MAX_PIXELS = 2**24
 NUM_BINS = 2**20
 TOLERANCE = 1e-4
@@ -108,24 +124,33 @@ class LocoResult:
     method: str  # "exact" or "binned"
     error_bound: dict[str, dict[str, float]] = field(default_factory=dict)
     refinement_passes: int = 0
+    #: ``{"thresholds", "mean_spros", "fp_rates"}``: the overall curve at descending thresholds (or ``None``)
+    per_threshold: dict[str, list[float]] | None = None
     _events: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def to_official_json(self) -> dict[str, Any]:
-        """``metrics.json`` in the schema of MVTec's official ``evaluate_experiment.py``."""
-        return {
-            "localization": {"auc_spro": {k: dict(v) for k, v in self.auc_spro.items()}},
-            "classification": {"auc_roc": dict(self.image_auroc)},
-        }
+        """``metrics.json`` in the schema of MVTec's official ``evaluate_experiment.py``.
+
+        ``localization`` holds ``auc_spro`` (per subset and ``mean``) and, when computed,
+        ``per_threshold`` (``thresholds``, ``mean_spros``, ``fp_rates``: one list entry per threshold).
+        """
+        localization: dict[str, Any] = {"auc_spro": {k: dict(v) for k, v in self.auc_spro.items()}}
+        if self.per_threshold is not None:
+            localization["per_threshold"] = {k: list(v) for k, v in self.per_threshold.items()}
+        return {"localization": localization, "classification": {"auc_roc": dict(self.image_auroc)}}
 
     def spro_at(self, threshold: float, subset: str = "mean") -> float:
-        """Mean saturated per-region overlap of the defects of ``subset`` at ``anomaly_map >= threshold``."""
+        """Mean saturated per-region overlap of the defects of ``subset`` at ``anomaly_map > threshold``.
+
+        Strictly greater, as the official script: a pixel whose score equals ``threshold`` is negative.
+        """
         if subset == "mean":
             values = [self.spro_at(threshold, s) for s in self.subsets]
             return float(np.mean(values)) if values else math.nan
         if subset not in self._events:
             return math.nan
         scores, suffix = self._events[subset]
-        return float(suffix[np.searchsorted(scores, threshold, side="left")])
+        return float(suffix[np.searchsorted(scores, threshold, side="right")])  # events > threshold
 
     def value(self, metric: str, subset: str = "mean", limit: float | None = None) -> float:
         """Look up ``"auc_spro"`` (needs ``limit``) or ``"image_auroc"``; NaN when the subset is absent."""
@@ -259,7 +284,7 @@ def _event_arrays(defects: list[_Defect]) -> tuple[np.ndarray, np.ndarray]:
 
     A defect with saturation area s contributes weight 1/(s K) (K defects in the subset) for each
     of its floor(s) highest pixels and (s - floor(s))/(s K) for the next one; sPRO(t) is the sum of
-    the weights of the events with score >= t. This equals mean_k min(#{score >= t}, s_k) / s_k.
+    the weights of the events with score > t. This equals mean_k min(#{score > t}, s_k) / s_k.
     """
     if not defects:
         return np.zeros(0, np.float64), np.zeros(0, np.float64)
@@ -288,7 +313,8 @@ def _exact_curve(negatives: np.ndarray, ev_scores: np.ndarray, ev_weights: np.nd
     """Curve with a point at every distinct score.
 
     Only the defect-free scores are sorted (in their own dtype); the sPRO at each distinct value b
-    is looked up among the (few) defect events. Where events lie strictly between two consecutive
+    (the point of ``score > t`` for t just below b, i.e. of the scores >= b) is looked up among the
+    (few) defect events. Where events lie strictly between two consecutive
     values, the vertical segment they make is kept by an extra point (FPR before b, sPRO just above b).
     """
     neg = np.sort(negatives)
@@ -383,6 +409,72 @@ def _binned_curve(counts: np.ndarray, n_neg: int, ev_interval: np.ndarray, ev_we
     return curve, dfpr, dspro, fpr_upper
 
 
+def _event_lookup(ev_scores: np.ndarray, ev_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted event scores and the suffix sums of their weights: sPRO(t) = suffix[searchsorted(scores, t, "right")]."""
+    order = np.argsort(ev_scores, kind="stable")
+    return ev_scores[order], np.concatenate([np.cumsum(ev_weights[order][::-1])[::-1], [0.0]])
+
+
+def _thin(fpr: np.ndarray, spro: np.ndarray, distance: float) -> np.ndarray:
+    """Indices of the points to keep: both ends of every step that crosses a multiple of ``distance``
+    in arc length, and the two ends of the curve. Consecutive kept points are at most ``distance``
+    apart, or one step of the curve (which no threshold can split); at most ``2 * (2 / distance + 1)``."""
+    length = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(fpr), np.diff(spro)))])
+    cross = np.flatnonzero(np.diff(np.floor(length / distance)) > 0)
+    keep = np.zeros(fpr.size, dtype=bool)
+    keep[[0, -1]] = True
+    keep[cross] = keep[cross + 1] = True
+    return np.flatnonzero(keep)
+
+
+def _per_threshold(thresholds: np.ndarray, fpr: np.ndarray, events: tuple[np.ndarray, np.ndarray],
+                   n_defects: int, distance: float) -> dict[str, list[float]]:
+    """The official ``per_threshold`` block from descending ``thresholds`` and their exact FPRs."""
+    ev_scores, suffix = events
+    spro = suffix[np.searchsorted(ev_scores, thresholds, side="right")]  # defect events > t
+    distinct = np.flatnonzero(np.concatenate([[True], (np.diff(fpr) != 0) | (np.diff(spro) != 0)]))
+    thresholds, fpr, spro = thresholds[distinct], fpr[distinct], spro[distinct]  # one threshold per point
+    keep = _thin(fpr, spro, distance)
+    spro = spro[keep] if n_defects else np.full(keep.size, math.nan)  # the official script has none either
+    return {"thresholds": thresholds[keep].tolist(), "mean_spros": spro.tolist(), "fp_rates": fpr[keep].tolist()}
+
+
+def _below(value: float) -> float:
+    """The largest float32 below ``value`` (``score > _below(min)`` holds for every float32 score)."""
+    return float(np.nextafter(np.float32(value), np.float32(-np.inf)))
+
+
+def _exact_thresholds(negatives: np.ndarray, ev_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct score (descending) and one below the lowest, with the FPR of ``score > t``."""
+    neg = np.sort(negatives)
+    thresholds = np.unique(np.concatenate([neg, ev_scores.astype(neg.dtype)])).astype(np.float64)[::-1]
+    thresholds = np.append(thresholds, _below(thresholds[-1]))
+    return thresholds, (neg.size - np.searchsorted(neg, thresholds, side="right")) / max(neg.size, 1)
+
+
+def _edge_thresholds(binning: _Binning, counts: np.ndarray, n_neg: int, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds at the bin edges (descending, the highest score first), with their exact FPRs.
+
+    The threshold of edge e is the largest float32 t with y(t) < e: since y is monotone, ``score > t``
+    holds exactly for the float32 scores counted from e up.
+    """
+    fpr_at = np.concatenate([_suffix_sums(counts.astype(np.float64)), [0.0]]) / max(n_neg, 1)
+    if binning.scale == 0.0:  # a single score value
+        return np.array([hi, _below(hi)]), np.array([0.0, fpr_at[0]])
+    edges = binning.edges
+    t = (binning.lo + edges / binning.scale).astype(np.float32)
+    down, up = np.float32(-np.inf), np.float32(np.inf)
+    for _ in range(8):  # a few ulps of rounding at most
+        t = np.where(binning.y(t) >= edges, np.nextafter(t, down), t)
+        above = np.nextafter(t, up)
+        t = np.where(binning.y(above) < edges, above, t)
+    bad = (binning.y(t) >= edges) | (binning.y(np.nextafter(t, up)) < edges)
+    if bad.any():  # pragma: no cover - the loop above converges within one or two steps
+        msg = f"could not place {int(bad.sum())} bin-edge thresholds"
+        raise RuntimeError(msg)
+    return np.concatenate([[hi], t.astype(np.float64)[::-1]]), fpr_at[::-1]
+
+
 def _bound_contributions(dfpr, dspro, fpr_upper, limit) -> np.ndarray:  # noqa: ANN001
     contrib = 0.5 * dfpr * dspro / limit
     contrib[fpr_upper >= limit] = 0.0
@@ -400,6 +492,7 @@ def compute_loco_metrics(
     max_refinements: int = 8,
     refine_factor: int = 256,
     aspect_tolerance: float | None = 0.01,
+    per_threshold_distance: float | None = PER_THRESHOLD_DISTANCE,
     progress: ProgressFn | None = None,
 ) -> LocoResult:
     """Compute the MVTec LOCO metrics of ``items`` (see the module docstring).
@@ -416,6 +509,8 @@ def compute_loco_metrics(
         aspect_tolerance: largest |log(aspect ratio map / ground truth)| accepted when resizing a map
             to its ground truth; ``None`` stretches any map onto the ground truth (anomalib's
             square ``Resize``).
+        per_threshold_distance: largest distance between consecutive points of
+            :attr:`LocoResult.per_threshold` where the scores allow; ``None``: no ``per_threshold``.
         progress: optional wrapper ``progress(iterable, description, total)`` (e.g. tqdm).
 
     Raises:
@@ -490,6 +585,8 @@ def compute_loco_metrics(
     method = "exact" if keep_negatives else "binned"
     subset_defects = {s: [d for d in defects if d.subset == s] for s in subsets}
     events = {s: _event_arrays(subset_defects[s]) for s in subsets}
+    all_events = _event_lookup(*_event_arrays(defects))  # every defect of the test set, for per_threshold
+    per_threshold = None
     for s in subsets:
         if not subset_defects[s]:
             warnings.warn(f"subset {s} has no defect in its ground truth; its AU-sPRO is NaN", RuntimeWarning, stacklevel=2)
@@ -502,6 +599,11 @@ def compute_loco_metrics(
             neg = np.concatenate(negatives[GOOD] + negatives[s])
             curves[s] = _exact_curve(neg, *events[s])
             error_bound[s] = {limit_key(v): 0.0 for v in limits}
+        if per_threshold_distance is not None:
+            every = np.concatenate([a for arrays in negatives.values() for a in arrays])
+            thresholds, fpr = _exact_thresholds(every, all_events[0])
+            del every
+            per_threshold = _per_threshold(thresholds, fpr, all_events, len(defects), per_threshold_distance)
         del negatives
     else:
         binning = _Binning(lo, hi, num_bins)
@@ -605,6 +707,9 @@ def compute_loco_metrics(
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if per_threshold_distance is not None:
+            thresholds, fpr = _edge_thresholds(binning, sum(counts.values()), sum(n_neg.values()), hi)
+            per_threshold = _per_threshold(thresholds, fpr, all_events, len(defects), per_threshold_distance)
 
     # ---- AU-sPRO and image AUROC
     auc_spro: dict[str, dict[str, float]] = {}
@@ -616,12 +721,7 @@ def compute_loco_metrics(
     auroc = {s: image_auroc(scores[s], scores[GOOD]) for s in subsets}
     auroc["mean"] = float(np.mean([auroc[s] for s in subsets]))
 
-    event_lookup = {}
-    for s in subsets:
-        ev_scores, ev_weights = events[s]
-        order = np.argsort(ev_scores, kind="stable")
-        suffix = np.concatenate([np.cumsum(ev_weights[order][::-1])[::-1], [0.0]])
-        event_lookup[s] = (ev_scores[order], suffix)
+    event_lookup = {s: _event_lookup(*events[s]) for s in subsets}
 
     return LocoResult(
         subsets=subsets,
@@ -634,6 +734,7 @@ def compute_loco_metrics(
         method=method,
         error_bound=error_bound,
         refinement_passes=passes,
+        per_threshold=per_threshold,
         _events=event_lookup,
     )
 
