@@ -57,6 +57,7 @@ class EpochLog:
         from lightning.pytorch import Callback
 
         outer = self
+        self.losses: list[dict[str, float]] = []
 
         class _Log(Callback):
             def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
@@ -64,6 +65,7 @@ class EpochLog:
 
             def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
                 losses = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("train_loss")}
+                outer.losses.append(losses)
                 elapsed = time.perf_counter() - outer.start
                 print(f"[{name}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {elapsed:.0f}s {losses}", flush=True)
 
@@ -109,10 +111,17 @@ def run(name: str, args: argparse.Namespace) -> dict:
     if checkpoint:
         model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", **components, **scales)
     elif name == "dskd":
-        model = Dskd(gccb_channels=args.gccb_channels, affinity_chunk_size=args.chunk, **common, **scales)
+        model = Dskd(
+            gccb_channels=args.gccb_channels,
+            affinity_chunk_size=args.chunk,
+            global_embedding=args.global_embedding,
+            **common,
+            **scales,
+        )
     else:
         model = Rd(loss_mode="pixel", **common)
     out = Path(args.out) / name
+    log = EpochLog(name)
     engine = Engine(
         max_epochs=args.epochs,
         default_root_dir=out,
@@ -120,7 +129,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         devices=1,
         logger=False,
         enable_progress_bar=False,
-        callbacks=[EpochLog(name).callback],
+        callbacks=[log.callback],
     )
     start = time.perf_counter()
     if not checkpoint:
@@ -131,7 +140,17 @@ def run(name: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
     test_s = time.perf_counter() - start
-    result = {"model": name, **scales, "epochs": args.epochs, "fit_s": round(fit_s, 1), "test_s": round(test_s, 1), **metrics}
+    result = {
+        "seed": args.seed,
+        "model": name,
+        **scales,
+        **({"global_embedding": model.model.global_embedding} if name == "dskd" else {}),
+        "train_loss_per_epoch": log.losses,
+        "epochs": args.epochs,
+        "fit_s": round(fit_s, 1),
+        "test_s": round(test_s, 1),
+        **metrics,
+    }
     if name == "dskd":
         result["statistics_mean"] = model.model.map_mean.tolist()
         result["statistics_std"] = model.model.map_std.tolist()
@@ -160,6 +179,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="results/dskd_accuracy")
+    parser.add_argument(
+        "--global-embedding", default="teacher_stage", choices=["teacher_stage", "fused"], help="Dskd's OCBE_glo"
+    )
     parser.add_argument("--checkpoints", default="", help="name=path,... : test these instead of training")
     parser.add_argument(
         "--global-map-scales",

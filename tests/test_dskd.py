@@ -416,3 +416,74 @@ def test_dskd_is_registered_with_anomalib() -> None:
     assert anomalib_dskd.Dskd is Dskd
     model = get_model("Dskd", backbone="mobilenetv2_100", pre_trained=False, gccb_channels=8, visualizer=False)
     assert isinstance(model, Dskd)
+
+
+# ---------------------------------------------------------------- OCBE_glo as the paper draws it
+def test_global_embedding_is_the_teachers_next_stage_with_its_weights(tmp_path) -> None:  # noqa: ANN001
+    """Fig. 3: the 4-th ResNet stage as trainable OCBE_glo, started from the teacher's weights, on F_T^3 alone."""
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = DskdModel(backbone="resnet18", pre_trained=str(path), input_size=(64, 64), gccb_channels=16)
+    stage = model.global_bottleneck.stage
+    assert len(stage) == 1
+    for key, value in reference.layer4.state_dict().items():
+        assert torch.equal(stage[0].state_dict()[key], value), key
+    assert all(p.requires_grad for p in model.global_bottleneck.parameters())
+    assert isinstance(model.global_bottleneck.project, torch.nn.Identity)  # 512 = 2 x 256 channels
+    teacher = model.core.teacher(torch.rand(1, 3, 64, 64))
+    shallow = [torch.full_like(t, 7.0) for t in teacher[:-1]]
+    with torch.no_grad():  # only the deepest teacher feature enters OCBE_glo
+        assert torch.equal(model.global_bottleneck(teacher), model.global_bottleneck([*shallow, teacher[-1]]))
+    random = DskdModel(backbone="resnet18", pre_trained=str(path), input_size=(64, 64), gccb_channels=16,
+                       global_embedding_init="random")
+    assert not torch.equal(random.global_bottleneck.stage[0][0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+def test_global_embedding_projects_a_wider_next_stage() -> None:
+    model = DskdModel(**SMALL)  # MobileNetV2: blocks 5-6 give 320 channels, the decoder expects 2 x 96
+    assert model.global_embedding == "teacher_stage"
+    assert isinstance(model.global_bottleneck.project[0], torch.nn.Conv2d)
+    assert model.global_bottleneck.project[0].weight.shape[:2] == (192, 320)
+    teacher = model.core.teacher(torch.rand(2, 3, 64, 64))
+    assert model.global_bottleneck(teacher).shape == (2, 192, 2, 2)
+
+
+def test_global_embedding_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="global_embedding must be one of"):
+        DskdModel(**SMALL, global_embedding="layer4")
+    with pytest.raises(ValueError, match="global_embedding_init must be one of"):
+        DskdModel(**SMALL, global_embedding_init="imagenet")
+
+
+def test_no_stage_after_the_deepest_layer_is_a_clear_error() -> None:
+    from anomalib_dskd.components.rd import TeacherBackboneError
+
+    with pytest.raises(TeacherBackboneError, match="no stage after layer 4.*global_embedding='fused'"):
+        DskdModel(backbone="resnet18", layers=(2, 3, 4), pre_trained=False, input_size=(128, 128), gccb_channels=8)
+    fused = DskdModel(backbone="resnet18", layers=(2, 3, 4), pre_trained=False, input_size=(128, 128),
+                      gccb_channels=8, global_embedding="fused")
+    assert fused.global_embedding == "fused"
+
+
+def test_checkpoint_with_the_fused_design_loads_as_trained(tmp_path) -> None:  # noqa: ANN001
+    """A checkpoint from before ``global_embedding`` (fused OCBE_glo, no such hyperparameter) loads exactly."""
+    import lightning
+
+    small = {"backbone": "mobilenetv2_100", "pre_trained": False, "gccb_channels": 16, "visualizer": False,
+             "evaluator": False, "pre_processor": PreProcessor(transform=Resize((64, 64)))}
+    old = Dskd(**small, global_embedding="fused").eval()
+    old.model.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    hyper = {k: v for k, v in old.hparams.items() if k != "global_embedding"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old.state_dict(), "hyper_parameters": hyper,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = Dskd.load_from_checkpoint(path, map_location="cpu", pre_processor=small["pre_processor"]).eval()
+    assert loaded.model.global_embedding == "fused"
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = loaded.model(images), old.model(images)
+    assert torch.equal(ours.anomaly_map, theirs.anomaly_map)
+    assert torch.equal(ours.pred_score, theirs.pred_score)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 
 from anomalib_dskd.components.rd import (
@@ -14,6 +15,7 @@ from anomalib_dskd.components.rd import (
     InputSizeError,
     ReverseDistillationCore,
     SeparableGaussianBlur2d,
+    Teacher,
     TeacherBackboneError,
 )
 from anomalib_dskd.models.rd import RdModel
@@ -161,3 +163,86 @@ def test_input_size_not_multiple_of_32_is_refused(size: tuple[int, int]) -> None
 def test_bad_layers_are_refused() -> None:
     with pytest.raises(TeacherBackboneError, match="increasing"):
         ReverseDistillationCore("resnet18", layers=(3, 1), pre_trained=False)
+
+
+# ---------------------------------------------------------------- signed teachers (linear stage outputs)
+def test_teacher_says_which_stage_outputs_can_be_negative() -> None:
+    """ResNet stages end in a ReLU; MobileNetV2 / EfficientNet stages in a linear bottleneck."""
+    assert Teacher("resnet18", pre_trained=False).signed_outputs == (False, False, False)
+    assert Teacher("mobilenetv2_100", pre_trained=False).signed_outputs == (True, True, True)
+    assert Teacher("efficientnet_lite0", pre_trained=False).signed_outputs == (True, True, True)
+
+
+def test_decoder_stages_end_linearly_only_for_signed_teachers() -> None:
+    resnet = ReverseDistillationCore("resnet18", pre_trained=False, input_size=(64, 64))
+    assert resnet.decoder.signed_outputs is None  # anomalib's decoder: no extra state
+    assert not any(stage[-1].linear_output for stage in resnet.decoder.stages)
+    mobile = ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64)).eval()
+    assert all(stage[-1].linear_output for stage in mobile.decoder.stages)
+    _, student = mobile(torch.rand(1, 3, 64, 64))
+    assert all(bool((feature < 0).any()) for feature in student)
+
+
+def _one_image_fit(core: ReverseDistillationCore, image: torch.Tensor, steps: int) -> list[float]:
+    optimizer = torch.optim.Adam([*core.bottleneck.parameters(), *core.decoder.parameters()], lr=5e-3, betas=(0.5, 0.999))
+    core.train()
+    for _ in range(steps):
+        teacher, student = core(image)
+        loss = sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(teacher, student, strict=True))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    core.eval()
+    with torch.no_grad():
+        teacher, student = core(image)
+    return [float((1 - F.cosine_similarity(t, s, dim=1)).mean()) for t, s in zip(teacher, student, strict=True)]
+
+
+def test_student_of_a_signed_teacher_gets_well_below_the_relu_floor() -> None:
+    """A non-negative student cannot beat ``1 - |relu(t)| / |t|`` per position; a linear output can.
+
+    The floor is computed exactly for the image (the best cosine of a non-negative vector with ``t``
+    is that of ``relu(t)``): 0.18-0.27 per scale for the random MobileNetV2 teacher at 64 px. The
+    bound asserted is half of it at every scale after 150 Adam steps on the one image; the linear
+    student reaches 0.03-0.08 (0.10-0.29 of the floor), today's ReLU-ended decoder 0.22-0.37 (it
+    cannot go below the floor, which the second half checks).
+    """
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    core = ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64))
+    with torch.no_grad():
+        teacher = core.teacher(image)
+    floor = [float((1 - t.clamp(min=0).norm(dim=1) / t.norm(dim=1)).mean()) for t in teacher]
+    assert all(value > 0.15 for value in floor)
+    linear = _one_image_fit(core, image, steps=150)
+    assert all(ours < 0.5 * bound for ours, bound in zip(linear, floor, strict=True)), (linear, floor)
+
+    torch.manual_seed(0)
+    relu = ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64))
+    for stage in relu.decoder.stages:
+        stage[-1].linear_output = False
+    ended = _one_image_fit(relu, image, steps=150)
+    assert all(ours >= bound - 1e-4 for ours, bound in zip(ended, floor, strict=True)), (ended, floor)
+
+
+def test_checkpoint_from_before_signed_outputs_loads_as_trained(caplog: pytest.LogCaptureFixture) -> None:
+    """No ``signed_outputs`` entry: the stages were trained ending in a ReLU, and load so (with a warning)."""
+    torch.manual_seed(0)
+    trained = ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64)).eval()
+    for stage in trained.decoder.stages:
+        stage[-1].linear_output = False  # as the old code ran
+    state = trained.decoder.state_dict()
+    del state["signed_outputs"]
+    fresh = ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64)).eval()
+    with caplog.at_level("WARNING"):
+        fresh.decoder.load_state_dict(state)
+    assert "Retrain" in caplog.text
+    assert not any(stage[-1].linear_output for stage in fresh.decoder.stages)
+    embedding = torch.randn(1, *trained.architecture.embedding_shape((64, 64)))
+    with torch.no_grad():
+        for ours, theirs in zip(fresh.decoder(embedding), trained.decoder(embedding), strict=True):
+            assert torch.equal(ours, theirs)
+            assert bool((ours >= 0).all())
+    # a new checkpoint restores the linear outputs
+    fresh.decoder.load_state_dict(ReverseDistillationCore("mobilenetv2_100", pre_trained=False, input_size=(64, 64)).decoder.state_dict())
+    assert all(stage[-1].linear_output for stage in fresh.decoder.stages)

@@ -393,3 +393,43 @@ def test_cli_rejects_negative_counts(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit):
         main(["generate", "--root", str(tmp_path), "--n-train", "-1"])
+
+
+# ---------------------------------------------------------------- the "arrangement" preset
+def test_arrangement_preset_breaks_only_global_rules() -> None:
+    """Normal: each row a permutation of the three kinds. Defects keep every neighbour pair normal."""
+    from collections import Counter
+
+    import numpy as np
+
+    from anomalib_dskd.data.synthetic import _arrangement_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows, marked = _arrangement_rows(rng, None)
+        assert marked == [] and all(sorted(row) == [0, 1, 2] for row in rows)
+        for defect in ("row_duplicate", "row_exchange"):
+            rows, marked = _arrangement_rows(rng, defect)
+            assert all(a != b for row in rows for a, b in zip(row, row[1:])), rows  # neighbours differ, as in normal
+            assert any(sorted(row) != [0, 1, 2] for row in rows)
+            counts = Counter(kind for row in rows for kind in row)
+            if defect == "row_exchange":
+                assert sorted(counts.values()) == [2, 2, 2] and len(marked) == 4  # counts as in normal images
+            else:
+                assert sorted(counts.values()) == [1, 2, 3] and len(marked) == 2
+
+
+def test_arrangement_preset_category(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import pytest
+
+    from anomalib_dskd.data import generate_loco_category
+
+    path = generate_loco_category(tmp_path, "arr", preset="arrangement", image_size=(64, 96), n_train=2,
+                                  n_validation=1, n_test_good=1, n_logical=2, n_structural=1)
+    names = [entry["defect_name"] for entry in json.loads((path / "defects_config.json").read_text())]
+    assert names == ["row_duplicate", "row_exchange", "scratch", "contamination", "dent"]
+    assert len(list((path / "ground_truth" / "logical_anomalies").rglob("*.png"))) == 2
+    with pytest.raises(ValueError, match="preset must be one of"):
+        generate_loco_category(tmp_path, "bad", preset="rows")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-_LOCO_ONLY = ("n_logical", "n_structural")
+_LOCO_ONLY = ("n_logical", "n_structural", "preset")
 _AD_ONLY = ("n_per_defect", "defect_types")
 
 
@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="mvtec_ad only: defect types to write (default: scratch contamination dent); also accepts "
         "missing_object extra_object swapped_objects misplaced_object",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("parts", "arrangement"),
+        help="loco only: 'parts' (default: missing / extra / swapped / misplaced parts) or 'arrangement' (harder: "
+        "every part and neighbourhood looks normal, only counts and the row rule are wrong)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty category folder")
 

@@ -41,9 +41,12 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "ARRANGEMENT_DEFECT_TYPES",
+    "ARRANGEMENT_LOGICAL_DEFECTS",
     "DEFECT_TYPES",
     "LOGICAL_DEFECTS",
     "MIN_IMAGE_SIDE",
+    "PRESETS",
     "STRUCTURAL_DEFECTS",
     "DefectType",
     "generate_loco_category",
@@ -88,11 +91,19 @@ DEFECT_TYPES: tuple[DefectType, ...] = (
     DefectType("contamination", "structural", 250, relative_saturation=True, saturation=1.0),
     DefectType("dent", "structural", 249, relative_saturation=True, saturation=0.5),
 )
+#: Logical defect types of the ``"arrangement"`` preset (then come the structural types above).
+ARRANGEMENT_DEFECT_TYPES: tuple[DefectType, ...] = (
+    DefectType("row_duplicate", "logical", 248, relative_saturation=True, saturation=1.0),
+    DefectType("row_exchange", "logical", 247, relative_saturation=True, saturation=1.0),
+)
+#: Presets of :func:`generate_loco_category`.
+PRESETS: tuple[str, ...] = ("parts", "arrangement")
 #: Names of the logical defect types.
 LOGICAL_DEFECTS: tuple[str, ...] = tuple(d.name for d in DEFECT_TYPES if d.family == "logical")
 #: Names of the structural defect types.
 STRUCTURAL_DEFECTS: tuple[str, ...] = tuple(d.name for d in DEFECT_TYPES if d.family == "structural")
-_DEFECTS_BY_NAME = {d.name: d for d in DEFECT_TYPES}
+ARRANGEMENT_LOGICAL_DEFECTS: tuple[str, ...] = tuple(d.name for d in ARRANGEMENT_DEFECT_TYPES)
+_DEFECTS_BY_NAME = {d.name: d for d in (*DEFECT_TYPES, *ARRANGEMENT_DEFECT_TYPES)}
 
 # Random streams: each image uses default_rng((seed, stream, index)).
 _STREAM_TEXTURE = 0
@@ -533,8 +544,85 @@ def _make_image(
     return _finish(canvas, rng), [masks[i] for i in range(len(defects))]
 
 
-def _loco_defects_for(index: int, family: str) -> tuple[str, ...]:
+# --------------------------------------------------------------------------------------------------
+# the "arrangement" preset: every part and every neighbourhood looks normal, only the whole is wrong
+# --------------------------------------------------------------------------------------------------
+#: the three kinds of the arrangement preset (two of each per image)
+_ARRANGEMENT_KINDS: tuple[_PartKind, ...] = _PARTS[:3]
+
+
+def _arrangement_rows(rng: np.random.Generator, defect: str | None) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Kinds (indices into the three kinds) per row, and the (column, row) slots a logical defect marks.
+
+    Normal: each row is a permutation of the three kinds (two of each kind per image). Adjacent parts
+    within a row always differ, every kind appears in every slot, and vertical pairs are random; so is
+    every part, and every pair of neighbouring parts, in the defects below:
+
+    * ``row_duplicate``: one row is ``(X, Y, X)`` (its kind ``Z`` missing), the other a permutation:
+      the counts are wrong (three ``X``, one ``Z``). Marked: the two ``X`` of that row.
+    * ``row_exchange``: rows ``(X, Y, X)`` and ``(Z, Y, Z)``: two of each kind as in normal images,
+      but neither row holds all three kinds. Marked: the four corner parts.
+    """
+    if defect is None:
+        return [rng.permutation(3).tolist(), rng.permutation(3).tolist()], []
+    x, y, z = rng.permutation(3).tolist()
+    first = int(rng.integers(2))
+    if defect == "row_duplicate":
+        rows = [[x, y, x], rng.permutation(3).tolist()]
+        marked = [(0, 0), (2, 0)]
+    elif defect == "row_exchange":
+        rows = [[x, y, x], [z, y, z]]
+        marked = [(0, 0), (2, 0), (0, 1), (2, 1)]
+    else:
+        msg = f"unknown arrangement defect {defect!r}"
+        raise ValueError(msg)
+    if first:  # the defective row is the bottom one as often as the top one
+        rows = rows[::-1]
+        marked = [(col, 1 - row) for col, row in marked]
+    return rows, marked
+
+
+def _make_arrangement_image(
+    rng: np.random.Generator,
+    geom: _Geometry,
+    texture: np.ndarray,
+    defects: Sequence[str] = (),
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Render one image of the arrangement preset (at most one logical defect) and its masks."""
+    logical = [name for name in defects if name in ARRANGEMENT_LOGICAL_DEFECTS]
+    rows, marked = _arrangement_rows(rng, logical[0] if logical else None)
+    parts: dict[tuple[int, int], _Part] = {}
+    r = geom.radius
+    for row, kinds in enumerate(rows):
+        for col, kind in enumerate(kinds):
+            cx, cy = geom.slot_centre((col, row))
+            parts[(col, row)] = _Part(
+                _ARRANGEMENT_KINDS[kind],
+                cx + rng.uniform(-0.06, 0.06) * r,
+                cy + rng.uniform(-0.06, 0.06) * r,
+                r * rng.uniform(0.97, 1.03),
+                rng.uniform(-4.0, 4.0),
+            )
+    canvas = _render(list(parts.values()), texture, rng)
+    shape = (geom.height, geom.width)
+    masks: list[np.ndarray] = []
+    untouched = list(parts)
+    for name in defects:
+        if name in ARRANGEMENT_LOGICAL_DEFECTS:
+            mask = np.zeros(shape, dtype=bool)
+            for slot in marked:
+                mask |= _footprint(parts[slot], shape)
+            masks.append(mask)
+        else:
+            (slot,) = _take(rng, untouched)
+            masks.append(_STRUCTURAL_FNS[name](canvas, parts[slot], geom, rng))
+    return _finish(canvas, rng), masks
+
+
+def _loco_defects_for(index: int, family: str, preset: str = "parts") -> tuple[str, ...]:
     """Defect types of the ``index``-th anomalous image of a family (some images get two)."""
+    if preset == "arrangement" and family == "logical":
+        return (ARRANGEMENT_LOGICAL_DEFECTS[index % len(ARRANGEMENT_LOGICAL_DEFECTS)],)
     names = LOGICAL_DEFECTS if family == "logical" else STRUCTURAL_DEFECTS
     first = names[index % len(names)]
     two = index % 3 == 2 if family == "logical" else index % 4 == 3
@@ -556,10 +644,17 @@ def _write_mask(path: Path, mask: np.ndarray, value: int) -> None:
 
 
 def _write_good(
-    out: Path, folder: str, count: int, stream: int, seed: int, geom: _Geometry, texture: np.ndarray
+    out: Path,
+    folder: str,
+    count: int,
+    stream: int,
+    seed: int,
+    geom: _Geometry,
+    texture: np.ndarray,
+    make_image: Callable[..., tuple[np.ndarray, list[np.ndarray]]] = _make_image,
 ) -> None:
     for i in range(count):
-        image, _ = _make_image(np.random.default_rng((seed, stream, i)), geom, texture)
+        image, _ = make_image(np.random.default_rng((seed, stream, i)), geom, texture)
         _write_rgb(out / folder / "good" / f"{i:03d}.png", image)
 
 
@@ -576,7 +671,7 @@ def _mean_part_area(geom: _Geometry) -> int:
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
-def loco_defects_config(image_size: tuple[int, int] = (256, 256)) -> list[dict[str, object]]:
+def loco_defects_config(image_size: tuple[int, int] = (256, 256), preset: str = "parts") -> list[dict[str, object]]:
     """Return the ``defects_config.json`` entries of a synthetic category.
 
     Absolute entries (``missing_object``, ``misplaced_object``) saturate at the mean area of one part,
@@ -585,12 +680,18 @@ def loco_defects_config(image_size: tuple[int, int] = (256, 256)) -> list[dict[s
 
     Args:
         image_size: Image size as (height, width) in pixels; absolute thresholds depend on it.
+        preset: ``"parts"`` (:data:`DEFECT_TYPES`) or ``"arrangement"`` (:data:`ARRANGEMENT_DEFECT_TYPES`,
+            then the structural types).
 
     Returns:
         A list of dicts with keys ``defect_name``, ``pixel_value``, ``saturation_threshold`` and
         ``relative_saturation``, in :data:`DEFECT_TYPES` order.
     """
     height, width = _check_image_size(image_size)
+    preset = _check_preset(preset)
+    types = DEFECT_TYPES
+    if preset == "arrangement":
+        types = (*ARRANGEMENT_DEFECT_TYPES, *(d for d in DEFECT_TYPES if d.family == "structural"))
     area = _mean_part_area(_Geometry(height, width))
     return [
         {
@@ -599,8 +700,15 @@ def loco_defects_config(image_size: tuple[int, int] = (256, 256)) -> list[dict[s
             "saturation_threshold": float(d.saturation) if d.relative_saturation else area,
             "relative_saturation": d.relative_saturation,
         }
-        for d in DEFECT_TYPES
+        for d in types
     ]
+
+
+def _check_preset(preset: object) -> str:
+    if preset not in PRESETS:
+        msg = f"preset must be one of {PRESETS}, got {preset!r}."
+        raise ValueError(msg)
+    return str(preset)
 
 
 def generate_loco_category(
@@ -615,6 +723,7 @@ def generate_loco_category(
     n_logical: int = 8,
     n_structural: int = 8,
     overwrite: bool = False,
+    preset: str = "parts",
 ) -> Path:
     """Write a synthetic category in the MVTec LOCO AD layout.
 
@@ -647,6 +756,11 @@ def generate_loco_category(
         n_logical: Number of logical-anomaly test images, >= 0.
         n_structural: Number of structural-anomaly test images, >= 0.
         overwrite: Replace an existing non-empty ``root/category`` folder instead of refusing.
+        preset: ``"parts"`` (default: four fixed parts; missing, extra, swapped and misplaced parts) or
+            ``"arrangement"`` (harder: six parts of three kinds, each row a permutation of the three, so
+            every part and every pair of neighbours looks normal in every anomaly; logical anomalies
+            break only the counts or the row rule: ``row_duplicate``, ``row_exchange``, see
+            :func:`_arrangement_rows`). Structural anomalies are the same in both presets.
 
     Returns:
         Path of the written category folder (``root/category``).
@@ -660,6 +774,7 @@ def generate_loco_category(
     category = _check_category(category)
     seed = _check_int("seed", seed, 0)
     height, width = _check_image_size(image_size)
+    preset = _check_preset(preset)
     n_train = _check_int("n_train", n_train, 1)
     n_validation = _check_int("n_validation", n_validation, 1)
     n_test_good = _check_int("n_test_good", n_test_good, 1)
@@ -673,21 +788,22 @@ def generate_loco_category(
     geom = _Geometry(height, width)
     texture = _background_texture(seed, geom)
 
-    _write_good(out, "train", n_train, _STREAM_TRAIN, seed, geom, texture)
-    _write_good(out, "validation", n_validation, _STREAM_VALIDATION, seed, geom, texture)
-    _write_good(out, "test", n_test_good, _STREAM_TEST_GOOD, seed, geom, texture)
+    make_image = _make_arrangement_image if preset == "arrangement" else _make_image
+    _write_good(out, "train", n_train, _STREAM_TRAIN, seed, geom, texture, make_image)
+    _write_good(out, "validation", n_validation, _STREAM_VALIDATION, seed, geom, texture, make_image)
+    _write_good(out, "test", n_test_good, _STREAM_TEST_GOOD, seed, geom, texture, make_image)
     anomalous = (("logical", n_logical, _STREAM_LOGICAL), ("structural", n_structural, _STREAM_STRUCTURAL))
     for family, count, stream in anomalous:
         folder = f"{family}_anomalies"
         for i in range(count):
-            defects = _loco_defects_for(i, family)
-            image, masks = _make_image(np.random.default_rng((seed, stream, i)), geom, texture, defects)
+            defects = _loco_defects_for(i, family, preset)
+            image, masks = make_image(np.random.default_rng((seed, stream, i)), geom, texture, defects)
             _write_rgb(out / "test" / folder / f"{i:03d}.png", image)
             for k, (name, mask) in enumerate(zip(defects, masks, strict=True)):
                 mask_path = out / "ground_truth" / folder / f"{i:03d}" / f"{k:03d}.png"
                 _write_mask(mask_path, mask, _DEFECTS_BY_NAME[name].pixel_value)
 
-    config = loco_defects_config((height, width))
+    config = loco_defects_config((height, width), preset)
     (out / "defects_config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
     return out
 

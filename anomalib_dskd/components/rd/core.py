@@ -48,6 +48,8 @@ class RdArchitecture:
         embedding_blocks: blocks in the OCBE stage.
         decoder_blocks: blocks per decoder stage, deepest first.
         groups / width_per_group: bottleneck grouping and base width of the decoder.
+        signed_outputs: per scale, whether the teacher's features can be negative (the decoder
+            stage then ends linearly, see :class:`StudentDecoder`).
     """
 
     channels: tuple[int, ...]
@@ -57,11 +59,13 @@ class RdArchitecture:
     decoder_blocks: tuple[int, ...] = field(default=(2, 2, 2))
     groups: int = 1
     width_per_group: int = 64
+    signed_outputs: tuple[bool, ...] | None = None
 
     @classmethod
     def from_teacher(cls, teacher: Teacher) -> RdArchitecture:
         """Derive the architecture; ResNet teachers reproduce anomalib's RD exactly."""
         channels, reductions = tuple(teacher.channels), tuple(teacher.reductions)
+        signed = tuple(teacher.signed_outputs)
         layer1 = getattr(teacher.model, "layer1", None)
         if layer1 is not None and hasattr(layer1[0], "conv1"):  # timm ResNet family
             first = layer1[0]
@@ -74,9 +78,9 @@ class RdArchitecture:
                 groups = first.conv2.groups
                 width = first.conv1.out_channels
                 width_per_group = width * 64 // (64 * groups)
-                return cls(channels, reductions, "bottleneck", 3, decoder_blocks, groups, width_per_group)
-            return cls(channels, reductions, "basic", 2, decoder_blocks)
-        return cls(channels, reductions, "basic", 2, tuple([2] * len(channels)))
+                return cls(channels, reductions, "bottleneck", 3, decoder_blocks, groups, width_per_group, signed)
+            return cls(channels, reductions, "basic", 2, decoder_blocks, signed_outputs=signed)
+        return cls(channels, reductions, "basic", 2, tuple([2] * len(channels)), signed_outputs=signed)
 
     @property
     def embedding_channels(self) -> int:
@@ -146,6 +150,7 @@ class RdArchitecture:
             num_blocks=self.decoder_blocks,
             groups=self.groups,
             width_per_group=self.width_per_group,
+            signed_outputs=self.signed_outputs,
         )
 
 
@@ -179,6 +184,13 @@ class ReverseDistillationCore(nn.Module):
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.bottleneck = self.architecture.build_embedding(fused_attention, block_attention)
         self.decoder = self.architecture.build_decoder()
+
+    def set_input_size(self, input_size: Sequence[int], model_name: str = "reverse distillation") -> tuple[int, int]:
+        """Check and record a new input size (the weights do not depend on it); returns it as ``(H, W)``."""
+        size = (int(input_size[0]), int(input_size[1]))
+        self.architecture.check_input_size(size, model_name)
+        self.input_size = size
+        return size
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Return ``(teacher_features, student_features)``, each shallow to deep."""

@@ -99,17 +99,103 @@ class Teacher(nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
+        self.pre_trained = pre_trained
+        self.signed_outputs: tuple[bool, ...] = self.probe_signed_outputs()
+
+    def probe_signed_outputs(self) -> tuple[bool, ...]:
+        """Whether each selected stage's output can be negative, read off the teacher itself.
+
+        ResNet stages end in a ReLU (outputs >= 0); MobileNetV2 / EfficientNet stages end in a linear
+        bottleneck (BatchNorm plus residual, about half the values negative). The teacher is run on a
+        fixed batch of Gaussian noise (seed 0, two 64 px-or-larger images): a stage is *signed* when
+        any of its values is negative. A post-ReLU stage can never produce one, whatever the input;
+        a linear stage produces millions of negatives on noise, so the test has no borderline case.
+        """
+        size = max(64, 4 * self.reductions[-1])
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(2, 3, size, size, generator=generator)
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None:
+            images = images.to(device=parameter.device, dtype=parameter.dtype)
+        return tuple(bool((feature < 0).any()) for feature in self(images))
+
+    def build_next_stage(self) -> tuple[nn.Sequential, int]:
+        """A trainable copy of the teacher stage after the deepest selected one, with the teacher's weights.
+
+        For DSKD's OCBE_glo (Zhang et al., WACV 2024, Fig. 3: "the 4-th residual stage of ResNet as
+        trainable OCBE_glo"): ResNet ``layer4`` after ``layer1``-``layer3``; for MobileNetV2 /
+        EfficientNet the blocks between the deepest selected feature and the next one (``blocks.5``-
+        ``blocks.6`` after ``blocks.4``). The weights are the ones this teacher was built with
+        (``pre_trained``: hub, local file or random).
+
+        Returns:
+            ``(stage, out_channels)``; the stage halves the resolution of the deepest selected feature.
+
+        Raises:
+            TeacherBackboneError: the teacher has no stage after the deepest selected one.
+        """
+        from anomalib_dskd.weights import create_timm_model
+
+        deepest = self.layers[-1]
+        try:
+            extended = create_timm_model(
+                self.backbone, pre_trained=self.pre_trained, features_only=True, out_indices=(deepest, deepest + 1)
+            )
+        except (RuntimeError, AssertionError, IndexError) as err:
+            msg = (
+                f"Backbone {self.backbone!r} has no stage after layer {deepest} to serve as the global student's "
+                f"embedding ({err}). Use layers whose deepest index leaves a stage after it, or "
+                "global_embedding='fused'."
+            )
+            raise TeacherBackboneError(msg) from err
+        names = extended.feature_info.module_name()
+        reductions = extended.feature_info.reduction()
+        if len(names) != 2 or reductions[1] != 2 * reductions[0]:
+            msg = f"Backbone {self.backbone!r}: the stage after layer {deepest} does not halve the resolution."
+            raise TeacherBackboneError(msg)
+        modules = _modules_between(extended, names[0], names[1])
+        stage = nn.Sequential(*modules)
+        for parameter in stage.parameters():
+            parameter.requires_grad_(True)
+        return stage, int(extended.feature_info.channels()[1])
+
+    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002
+        """Keep the teacher in eval mode whatever ``mode`` is (BatchNorm statistics stay frozen)."""
+        return super().train(False)
 
     @property
     def input_multiple(self) -> int:
         """Input height and width must be multiples of this (the embedding halves the deepest stride)."""
         return 2 * self.reductions[-1]
 
-    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002
-        """Keep the teacher in eval mode whatever ``mode`` is (BatchNorm statistics stay frozen)."""
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return the selected feature maps, shallow to deep."""
         return list(self.model(images))
+
+
+def _modules_between(model: nn.Module, after: str, until: str) -> list[nn.Module]:
+    """The sibling modules of ``model`` after the one named ``after`` up to and including ``until``.
+
+    timm names feature modules ``"layer3"`` (top-level ResNet stages) or ``"blocks.4"`` (children of
+    an EfficientNet's ``blocks``); ``FeatureListNet`` flattens the latter to ``"blocks_4"``.
+    """
+
+    def locate(name: str) -> tuple[str, str]:
+        for candidate in (name, name.replace(".", "_")):
+            parent, _, child = candidate.rpartition(".")
+            container = model.get_submodule(parent) if parent else model
+            if child in dict(container.named_children()):
+                return parent, child
+        msg = f"cannot find teacher module {name!r}"
+        raise TeacherBackboneError(msg)
+
+    (parent_a, child_a), (parent_b, child_b) = locate(after), locate(until)
+    if parent_a != parent_b:
+        msg = f"teacher modules {after!r} and {until!r} are not siblings; cannot cut the stage between them."
+        raise TeacherBackboneError(msg)
+    children = list((model.get_submodule(parent_a) if parent_a else model).named_children())
+    names = [name for name, _ in children]
+    start, stop = names.index(child_a), names.index(child_b)
+    return [module for _, module in children[start + 1 : stop + 1]]

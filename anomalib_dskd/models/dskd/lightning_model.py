@@ -76,6 +76,12 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             shallowest scale's ``N^2`` affinity map at inference (faster, see ``docs/models/dskd.md``
             for the measured cost and accuracy); training always uses every scale. The Eq. 8
             statistics belong to one choice: after changing it on a trained model, recompute them.
+        global_embedding: the global student's OCBE_glo: ``"teacher_stage"`` (default, paper Fig. 3:
+            the teacher's next stage, e.g. ResNet ``layer4``, trainable, on the deepest teacher
+            feature alone) or ``"fused"`` (a copy of the local student's multi-scale fused OCBE).
+            Measured against each other in ``docs/models/dskd.md``.
+        global_embedding_init: ``"teacher"`` (default: that stage starts from the teacher's
+            weights) or ``"random"``.
         statistics_source: where Eq. 8's mean / std come from. ``"validation"`` (default, paper):
             the normal images (``gt_label == 0``) of the validation set, recomputed at the start of
             every validation epoch, falling back to the training set when there is no validation
@@ -108,6 +114,8 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         affinity_chunk_size: int | None = 512,
         students: str = "both",
         global_map_scales: Sequence[int] | None = None,
+        global_embedding: str = "teacher_stage",
+        global_embedding_init: str = "teacher",
         statistics_source: str = "validation",
         sigma: float = 4.0,
         lr: float = 0.005,
@@ -143,6 +151,8 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             sigma=sigma,
             students=students,
             global_map_scales=global_map_scales,
+            global_embedding=global_embedding,
+            global_embedding_init=global_embedding_init,
         )
         active = STUDENTS[students]
         self.loss = DskdLoss(
@@ -362,15 +372,24 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
 
     # ------------------------------------------------------------------ anomalib plumbing
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor first, then fit the GCCB to its input size before the weights load.
+        """Rebuild OCBE_glo as the checkpoint's design, then restore components and fit the input size.
 
-        ``load_from_checkpoint`` builds the model with the default 256x256 pre-processor; anomalib
-        restores the checkpoint's pre-processor here, and the GCCB kernel must follow its size.
+        Checkpoints carry the OCBE_glo design they were trained with (those written before the
+        option existed hold the fused design). The shared mixin then restores the pre-processor and
+        fits the GCCB kernel to its input size before the weights load.
         """
+        state = checkpoint.get("state_dict", {})
+        if any(key.startswith("model.global_bottleneck.fuse.") for key in state):
+            kind = "fused"
+        elif any(key.startswith("model.global_bottleneck.stage.") for key in state):
+            kind = "teacher_stage"
+        else:
+            kind = None
+        if kind is not None and kind != self.model.global_embedding:
+            logger.info("Dskd checkpoint: OCBE_glo is the %r design; rebuilding the global student to match.", kind)
+            self.model.use_global_embedding(kind)
+            self.hparams["global_embedding"] = kind
         super().on_load_checkpoint(checkpoint)
-        size = self.input_size
-        if size is not None and tuple(int(v) for v in size) != self.model.input_size:
-            self.model.set_input_size(size)
 
     @classmethod
     def configure_visualizer(cls) -> DskdVisualizer:

@@ -5,8 +5,9 @@ Zhang, Suganuma, Okatani, "Contextual Affinity Distillation for Image Anomaly De
 * Teacher: a frozen ImageNet CNN (paper: WideResNet50-2, stages 1-3), shared by both students.
 * Local student: reverse distillation unchanged - one-class embedding ``OCBE_loc`` and a decoder
   mirroring the teacher (the shared core, :class:`~anomalib_dskd.components.rd.ReverseDistillationCore`).
-* Global student: its own ``OCBE_glo``, the Global Context Condensing Block, and a decoder of
-  the same structure as the local one.
+* Global student: its own ``OCBE_glo`` (by default the teacher's next stage on ``F_T^3`` alone, as
+  the paper's Fig. 3 draws it; optionally a copy of the local student's fused OCBE), the Global
+  Context Condensing Block, and a decoder of the same structure as the local one.
 * Scoring (Eq. 8): per student, per-scale maps (cosine distance or affinity KL) upsampled to the
   input size and summed; each standardised with the statistics held in this module's buffers;
   added, Gaussian-smoothed; the image score is the maximum.
@@ -25,7 +26,11 @@ from torch import nn
 from anomalib_dskd.components.rd import InputSizeError, ReverseDistillationCore
 
 from .anomaly_map import AFFINITY, MAP_KINDS, PIXEL, DskdScoreFusion, upsampled_student_map
-from .components import GlobalContextCondensingBlock
+from .components import GlobalContextCondensingBlock, TeacherStageEmbedding
+from .components.ocbe_glo import INITS
+
+#: values of ``global_embedding``: the paper's teacher stage, or the local student's fused OCBE design
+GLOBAL_EMBEDDINGS = ("teacher_stage", "fused")
 
 #: values of ``students``
 STUDENTS = {"both": ("local", "global"), "local": ("local",), "global": ("global",)}
@@ -79,8 +84,18 @@ class DskdModel(nn.Module):
         sigma: float = 4.0,
         students: str = "both",
         global_map_scales: Sequence[int] | None = None,
+        global_embedding: str = "teacher_stage",
+        global_embedding_init: str = "teacher",
     ) -> None:
         super().__init__()
+        if global_embedding not in GLOBAL_EMBEDDINGS:
+            msg = f"global_embedding must be one of {GLOBAL_EMBEDDINGS}, got {global_embedding!r}."
+            raise ValueError(msg)
+        if global_embedding_init not in INITS:
+            msg = f"global_embedding_init must be one of {INITS}, got {global_embedding_init!r}."
+            raise ValueError(msg)
+        self.global_embedding = global_embedding
+        self.global_embedding_init = global_embedding_init
         if students not in STUDENTS:
             msg = f"students must be one of {sorted(STUDENTS)}, got {students!r}."
             raise ValueError(msg)
@@ -104,7 +119,7 @@ class DskdModel(nn.Module):
         embedding_channels, height, width = architecture.embedding_shape(self.input_size)
         # Global student: its own OCBE, the GCCB, a decoder identical in structure to the local one.
         if "global" in self.students:
-            self.global_bottleneck = architecture.build_embedding()
+            self.global_bottleneck = self._build_global_embedding()
             self.gccb = GlobalContextCondensingBlock(embedding_channels, (height, width), gccb_channels)
             self.global_decoder = architecture.build_decoder()
         if "local" not in self.students:  # a global student alone: no local weights to train or export
@@ -122,6 +137,20 @@ class DskdModel(nn.Module):
         self.map_std: torch.Tensor
         self.statistics_images: torch.Tensor
         self.statistics_scales: torch.Tensor
+
+    def _build_global_embedding(self) -> nn.Module:
+        architecture = self.core.architecture
+        if self.global_embedding == "fused":
+            return architecture.build_embedding()
+        return TeacherStageEmbedding(self.core.teacher, architecture.embedding_channels, self.global_embedding_init)
+
+    def use_global_embedding(self, kind: str) -> None:
+        """Rebuild OCBE_glo as ``kind`` (e.g. to load a checkpoint trained with the other design)."""
+        if kind == self.global_embedding or "global" not in self.students:
+            return
+        old = next(self.global_bottleneck.parameters())
+        self.global_embedding = kind
+        self.global_bottleneck = self._build_global_embedding().to(device=old.device, dtype=old.dtype)
 
     def _scale_mask(self) -> torch.Tensor:
         mask = torch.zeros(len(self.core.architecture.channels), dtype=torch.uint8)  # uint8: gloo broadcasts it

@@ -234,10 +234,12 @@ class Packd(ReverseDistillationDefaults, AnomalibModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the training layout with the checkpoint (the cached prototypes are buffers already)."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["packd_few_shot"] = {"k_shot": self.k_shot, "categories_per_batch": self.categories_per_batch}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the training layout saved by :meth:`on_save_checkpoint`."""
+        """Restore anomalib's components and the input size, then the training layout of :meth:`on_save_checkpoint`."""
+        super().on_load_checkpoint(checkpoint)
         layout = checkpoint.get("packd_few_shot") or {}
         self.k_shot = layout.get("k_shot", self.k_shot)
         self.categories_per_batch = layout.get("categories_per_batch", self.categories_per_batch)

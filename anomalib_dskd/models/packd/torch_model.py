@@ -86,6 +86,7 @@ class PackdModel(nn.Module):
                 channels=architecture.channels[:3],
                 reductions=architecture.reductions[:3],
                 decoder_blocks=architecture.decoder_blocks[:3],
+                signed_outputs=architecture.signed_outputs[:3] if architecture.signed_outputs else None,
             )
         self.architecture = architecture
         architecture.check_input_size(input_size, "Packd")
@@ -105,6 +106,12 @@ class PackdModel(nn.Module):
         self.register_buffer("support_shots", torch.zeros((), dtype=torch.long))
         self._support_ready = False
         self.register_load_state_dict_post_hook(_sync_support_flag)
+
+    def set_input_size(self, input_size: Sequence[int]) -> None:
+        """Adapt to a new input size (a checkpoint's pre-processor): the anomaly map follows it."""
+        self.architecture.check_input_size(input_size, "Packd")
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.anomaly_map_generator.image_size = self.input_size
 
     # ------------------------------------------------------------------ features
     def _support_level_features(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

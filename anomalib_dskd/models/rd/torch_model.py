@@ -44,6 +44,10 @@ class RdModel(nn.Module):
         self.core = ReverseDistillationCore(backbone, layers, pre_trained, input_size)
         self.anomaly_map_generator = AnomalyMapGenerator(self.core.input_size, sigma)
 
+    def set_input_size(self, input_size: Sequence[int]) -> None:
+        """Adapt to a new input size (a checkpoint's pre-processor): the anomaly map follows it."""
+        self.anomaly_map_generator.image_size = self.core.set_input_size(input_size, "Rd")
+
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """Features for the loss in train mode, anomaly map and score in eval mode."""
         teacher_features, student_features = self.core(images)

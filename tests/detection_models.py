@@ -1,0 +1,58 @@
+"""The models, data and training lengths of the detection tests (shared with ``benchmarks/detection_floors.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the generated category (MVTec LOCO layout) every detection test trains and tests on
+CATEGORY_ARGS: dict[str, Any] = {
+    "seed": 0, "image_size": (128, 128), "n_train": 24, "n_validation": 4, "n_test_good": 12,
+    "n_logical": 12, "n_structural": 12,
+}
+#: the harder preset (only counts and the row rule are wrong) and Dskd's training length on it
+ARRANGEMENT_ARGS: dict[str, Any] = {**CATEGORY_ARGS, "preset": "arrangement", "n_train": 48}
+ARRANGEMENT_EPOCHS = 30
+SIZE = (128, 128)
+#: training epochs per model (24 images, batch 8: 3 optimiser steps per epoch)
+EPOCHS = {"rd": 10, "ard": 10, "dskd": 10, "patchcore": 1}
+#: per-student maps scored as image scores too
+EXTRA_MAPS = {"dskd": ("anomaly_map_local", "anomaly_map_global")}
+
+
+def build(name: str, weights: str | bool) -> Any:  # noqa: ANN401
+    """A fresh model ``name`` with the teacher ``weights``, raw post-processing, no evaluator or visualizer."""
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from anomalib_dskd.models.ard import Ard
+    from anomalib_dskd.models.dskd import Dskd
+    from anomalib_dskd.models.rd import Rd
+
+    transform = Compose([Resize(SIZE, antialias=True), Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    common = {
+        "backbone": "mobilenetv2_100",
+        "pre_trained": weights,
+        "pre_processor": PreProcessor(transform=transform),
+        "post_processor": PostProcessor(enable_normalization=False),
+        "evaluator": False,
+        "visualizer": False,
+    }
+    if name == "rd":
+        return Rd(**common)
+    if name == "ard":
+        return Ard(**common)
+    if name == "dskd":
+        return Dskd(gccb_channels=64, **common)
+    if name == "patchcore":  # anomalib's built-in, given the same teacher (as ../shared/BASELINES.md does)
+        from anomalib.models import Patchcore
+
+        from anomalib_dskd.benchmark.models import FEATURE_LAYERS
+        from anomalib_dskd.weights import create_timm_model
+
+        common.pop("backbone")
+        teacher = create_timm_model("mobilenetv2_100", pre_trained=common.pop("pre_trained")).eval()
+        layers = FEATURE_LAYERS["mobilenetv2_100"]["Patchcore"]
+        return Patchcore(backbone=teacher, layers=layers, pre_trained=False, coreset_sampling_ratio=0.1, **common)
+    msg = f"no detection model {name!r}"
+    raise ValueError(msg)
