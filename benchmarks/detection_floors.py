@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.detection_models import CATEGORY_ARGS, EPOCHS, EXTRA_MAPS, build  # noqa: E402
+from tests.detection_models import CATEGORY_ARGS, EPOCHS, EXTRA_MAPS, PACKD_EPOCHS, build, packd_setup  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=None, help="override the tests' training images")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from anomalib_dskd.benchmark.detection import detection_run
+    from anomalib_dskd.benchmark.detection import detection_run, score_predictions, train_and_predict
     from anomalib_dskd.data import generate_loco_category
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,6 +50,22 @@ def main() -> None:
             category["n_train"] = args.n_train
         generate_loco_category(tmp, "parts", **category)
         for name in args.models.split(","):
+            if name == "packd":  # few-shot: its own categories and datamodule (tests/detection_models.py)
+                packd_root = Path(tmp) / "packd"
+                build_packd, datamodule = packd_setup(packd_root, args.weights)
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    for trained in (True, False) if args.untrained else (True,):
+                        start = time.perf_counter()
+                        _, _, predictions = train_and_predict(
+                            build_packd, datamodule, max_epochs=args.epochs or PACKD_EPOCHS, seed=seed, train=trained,
+                            root_dir=packd_root,
+                        )
+                        row = {"model": name, "seed": seed, "trained": trained,
+                               "epochs": (args.epochs or PACKD_EPOCHS) if trained else 0,
+                               "seconds": round(time.perf_counter() - start, 1),
+                               **{k: round(v, 4) for k, v in score_predictions(predictions).items()}}
+                        print(json.dumps(row), flush=True)
+                continue
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for trained in (True, False) if args.untrained else (True,):
                     start = time.perf_counter()

@@ -56,3 +56,34 @@ def build(name: str, weights: str | bool) -> Any:  # noqa: ANN401
         return Patchcore(backbone=teacher, layers=layers, pre_trained=False, coreset_sampling_ratio=0.1, **common)
     msg = f"no detection model {name!r}"
     raise ValueError(msg)
+
+
+#: Packd: four generated MVTec AD categories (train on three, test on the fourth with k supports)
+PACKD_CATEGORIES = ("aa", "bb", "cc", "dd")
+PACKD_CATEGORY_ARGS: dict[str, Any] = {"image_size": (128, 128), "n_train": 12, "n_test_good": 12, "n_per_defect": 4}
+PACKD_EPOCHS = 3
+
+
+def packd_setup(root: Any, weights: str | bool) -> tuple[Any, Any]:  # noqa: ANN401
+    """Write the Packd categories under ``root``; return ``(build_model, datamodule)`` (target ``dd``, k = 4)."""
+    from anomalib.post_processing import PostProcessor
+
+    from anomalib_dskd.data import generate_mvtec_ad_category
+    from anomalib_dskd.data.few_shot import FewShotDataModule
+    from anomalib_dskd.models.packd import Packd
+
+    for seed, category in enumerate(PACKD_CATEGORIES):
+        generate_mvtec_ad_category(root, category, seed=seed, **PACKD_CATEGORY_ARGS)
+    datamodule = FewShotDataModule(
+        train_sources=[{"format": "mvtec_ad", "root": str(root), "category": list(PACKD_CATEGORIES)}],
+        target={"format": "mvtec_ad", "root": str(root), "category": "dd"},
+        image_size=SIZE, k_shot=4, num_support_draws=1, train_batch_size=4, eval_batch_size=8, num_workers=0,
+    )
+
+    def build_model() -> Any:  # noqa: ANN401
+        return Packd(
+            backbone="mobilenetv2_100", pre_trained=weights, pre_processor=Packd.configure_pre_processor(SIZE),
+            post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False,
+        )
+
+    return build_model, datamodule

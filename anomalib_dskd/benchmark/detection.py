@@ -60,7 +60,7 @@ def score_predictions(predictions: list[Any], extra_maps: tuple[str, ...] = ()) 
     results: dict[str, float] = {}
     for subset in SUBSETS:
         keep = np.ones_like(labels) if subset == "all" else (family == "good") | (family == subset)
-        if not (family[keep] != "good").any():
+        if subset != "all" and not (family[keep] != "good").any():  # not a LOCO layout, or no such anomaly
             continue
         results[f"image_auroc_{subset}"] = auroc(scores[keep], labels[keep])
         results[f"image_auroc_{subset}_inverted"] = auroc(-scores[keep], labels[keep])
@@ -112,6 +112,8 @@ def train_and_predict(
             datamodule.setup()
             if hasattr(model, "compute_statistics"):  # Dskd: Eq. 8 statistics of the untrained students
                 model.compute_statistics(datamodule.train_dataloader())
+            if hasattr(model, "set_support") and hasattr(datamodule, "support_images"):  # Packd: the k supports
+                model.set_support(datamodule.support_images())
         predictions = engine.predict(model, dataloaders=datamodule.test_dataloader())
     return model, engine, predictions
 

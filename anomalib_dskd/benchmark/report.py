@@ -177,7 +177,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:  # no
         lines.append(f"Command: `{runs[-1].get('command')}`" + (f" (run {len(runs)} times, resumed)" if len(runs) > 1 else ""))
     lines.append(
         f"Machine: {machine.get('cpu', '?')}, {machine.get('usable_cpus', '?')} usable CPU cores, "
-        f"{machine.get('memory_gb', '?')} GB RAM, no GPU. Seeds: {', '.join(str(s) for s in seeds)}.",
+        f"{machine.get('memory_gb', '?')} GiB RAM, no GPU. Seeds: {', '.join(str(s) for s in seeds)}.",
     )
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
     git = env.get("git") or {}
@@ -299,7 +299,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:  # no
         + (f" Measured on the {', '.join(speed_datasets)} cell(s)." if speed_datasets else ""),
     )
     lines.append("")
-    lines.append("| model | torch ms | OpenVINO f32 ms | OpenVINO INT8 ms | s / epoch | fit s | peak RSS MB | params M | OV f32 MB | OV INT8 MB |")
+    lines.append("| model | torch ms | OpenVINO f32 ms | OpenVINO INT8 ms | s / epoch | fit s | peak RSS MiB | params M | OV f32 MiB | OV INT8 MiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
         mrows = [r for r in rows if r["model"] == model and r["status"] == "ok"]
