@@ -13,9 +13,9 @@ Protocol (identical for every model):
   Each image goes through the model's own pre-processor transform (resize to 256x256, ImageNet
   normalisation; masks resized nearest) once and is kept in memory: images are transformed one by one
   because the battery-weld images differ in height (anomalib's collate needs equal sizes).
-* Glance: the stage lengths and batch sizes of ``configs/model/glance.yaml`` (the "small" config) unless
-  overridden; every iteration draws its patches / (image, patch) pairs uniformly from all training
-  images (``Glance.local_stage_losses`` / ``global_stage_losses``, the methods ``training_step`` calls),
+* Glance: the init args of ``configs/model/glance.yaml`` (the "small" config) unless overridden
+  (``--set``, ``--local-steps`` ...); every iteration draws its patches / (image, patch) pairs uniformly
+  from all training images (``Glance.stage_losses``, the method ``training_step`` calls),
   with the model's own Adam (``configure_optimizers``).
 * Rd: its loss and Adam (lr 0.005, betas (0.5, 0.999)), batch ``--rd-batch-size``, ``--rd-epochs``
   epochs, shuffled with a seeded generator.
@@ -23,6 +23,38 @@ Protocol (identical for every model):
   normalisation), anomalib's metrics at the model resolution, as ``Engine.test`` computes them.
 * speed: ``--threads`` torch threads (1 by default). Throughput = test images / seconds of the whole
   test pass (batches of ``--eval-batch-size``); latency = median of batch-1 forwards.
+
+Glance's schedule: with ``local_steps`` / ``global_steps`` null in the config (the default), the budget is
+``--total-steps`` iterations split by ``local_fraction`` (what ``Engine(max_steps=N)`` does). After
+training the score statistics (mean / std of ``s_IAD`` and ``1 - P_match`` over the grid patches of up to
+``score_statistics_images`` training images) are computed as ``Glance.on_train_end`` does, and every
+``--score-modes`` entry is scored from the same weights (rows ``glance[mixed]``, ``glance[iad]``,
+``glance[dad]``; ``glance`` alone when one mode is given).
+
+Short detection check on generated data (``--synthetic DIR`` writes a generated MVTec AD category at
+256x256 and benchmarks on it; the commands behind ``docs/benchmarks/glance/synthetic_check.json``)::
+
+    CI=true python benchmarks/bench_glance.py --synthetic /tmp/glance_synthetic \\
+        --weights ../shared/weights/mobilenet_v2-b0353104.pth --models glance --total-steps 400 \\
+        --set local_fraction=0.6 --score-modes mixed iad dad --save-models /tmp/gl/models \\
+        --out docs/benchmarks/glance/synthetic_check.json
+    # then, on the same weights, global vs per-position score statistics:
+    CI=true python benchmarks/bench_glance.py --synthetic /tmp/glance_synthetic \\
+        --weights ../shared/weights/mobilenet_v2-b0353104.pth --models glance --rescore-from /tmp/gl/models \\
+        --extra-normalisations global position --score-modes mixed iad dad \\
+        --out docs/benchmarks/glance/synthetic_check.json
+
+Stage-1 study (``--stage1-study``: Local-Net distillation alone, one variant of the compactness weighting
+per run - paper, no_lc, warmup, balanced - held-out distillation fraction every 10 % of the run; the
+commands behind ``docs/benchmarks/glance/stage1_study.json``)::
+
+    CI=true python benchmarks/bench_glance.py --synthetic /tmp/glance_synthetic \\
+        --weights ../shared/weights/mobilenet_v2-b0353104.pth --stage1-study warmup \\
+        --stage1-steps 300 --stage1-lr 1e-3 --out docs/benchmarks/glance/stage1_study.json
+    # tire with the committed run's settings, plain vs floored teacher standardisation:
+    CI=true python benchmarks/bench_glance.py --dataset tire=../shared/datasets/mvtec3d_tire_rgb:tire \\
+        --weights ../shared/weights/mobilenet_v2-b0353104.pth --stage1-study paper --stage1-steps 250 \\
+        --stage1-lr 2e-4 --teacher-std-floor 0 --out docs/benchmarks/glance/stage1_study.json
 
 Example (the command behind ``docs/models/glance.md``)::
 
@@ -68,6 +100,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Glance config whose init_args are used (default: the small config)")
     parser.add_argument("--local-steps", type=int, help="override the config's local_steps")
     parser.add_argument("--global-steps", type=int, help="override the config's global_steps")
+    parser.add_argument("--total-steps", type=int, default=900,
+                        help="training budget in iterations when the config's schedule follows the trainer "
+                             "(local_steps / global_steps null), split by local_fraction (default 900)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a Glance init arg, e.g. --set lr_local=1e-3 (repeatable)")
+    parser.add_argument("--score-modes", nargs="+", default=["mixed"], choices=["mixed", "iad", "dad"],
+                        help="score each trained Glance with these heads (inference only)")
+    parser.add_argument("--synthetic", type=Path,
+                        help="generate an MVTec AD category (256x256) in this folder and add it as dataset 'synthetic'")
+    parser.add_argument("--synthetic-sizes", type=int, nargs=3, default=[32, 10, 5],
+                        metavar=("N_TRAIN", "N_TEST_GOOD", "N_PER_DEFECT"))
+    parser.add_argument("--stage1-study", nargs="*", metavar="VARIANT",
+                        choices=["paper", "no_lc", "warmup", "balanced"],
+                        help="only run stage 1 with these compactness variants on the first dataset")
+    parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument("--stage1-lr", type=float, default=1e-3)
+    parser.add_argument("--stage1-batch-size", type=int, default=32)
+    parser.add_argument("--stage1-init", choices=["default", "kaiming"], default="default",
+                        help="Local-Net initialisation in the stage-1 study (kaiming: fan-in normal for leaky ReLU)")
+    parser.add_argument("--teacher-std-floor", type=float, help="override teacher_std_floor (stage-1 study too)")
     parser.add_argument("--rd-epochs", type=int, default=20)
     parser.add_argument("--rd-batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=8)
@@ -78,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-models", type=Path, help="folder to save each trained model's state_dict in")
     parser.add_argument("--extra-lambda-s", type=float, nargs="*", default=[],
                         help="also score each trained Glance with these lambda_s (inference only, no retraining)")
+    parser.add_argument("--extra-normalisations", nargs="*", default=[], choices=["position", "global"],
+                        help="with --rescore-from: recompute the score statistics with these score_normalisation "
+                             "values and score every --score-modes entry (rows 'glance[MODE,NORM]')")
     parser.add_argument("--rescore-from", type=Path,
                         help="do not train: load Glance models saved by --save-models and score them with "
                              "--extra-lambda-s (rows 'glance(lambda_s=X)', training time copied)")
@@ -136,6 +191,11 @@ def glance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["local_steps"] = args.local_steps
     if args.global_steps is not None:
         kwargs["global_steps"] = args.global_steps
+    if args.teacher_std_floor is not None:
+        kwargs["teacher_std_floor"] = args.teacher_std_floor
+    for item in args.set:
+        key, value = item.split("=", 1)
+        kwargs[key] = yaml.safe_load(value)
     return kwargs
 
 
@@ -150,22 +210,36 @@ def build_model(name: str, args: argparse.Namespace, pre_trained: bool | str) ->
     return Glance(**kwargs)
 
 
-def train_glance(model: Any, images: torch.Tensor) -> dict[str, Any]:  # noqa: ANN401
+def train_glance(model: Any, images: torch.Tensor, total_steps: int) -> dict[str, Any]:  # noqa: ANN401
+    """The Lightning training loop of Glance without Lightning: ``stage_losses`` per iteration, then calibration.
+
+    ``Glance.stage_losses`` is what ``training_step`` calls (stage switch, held-out distillation fraction,
+    the warning when stage 2 starts undistilled); afterwards the score statistics are computed from the
+    training images as ``on_train_end`` / ``on_validation_epoch_start`` do.
+    """
+    local, global_ = model.set_schedule(total_steps)
+    total = local + global_
     optimizer = model.configure_optimizers()
     model.train()
-    log_every = max(model.total_steps // 20, 1)
+    log_every = max(total // 20, 1)
     history = []
-    for step in range(model.total_steps):
-        stage = model.stage(step)
-        losses = model.local_stage_losses(images) if stage == 1 else model.global_stage_losses(images)
+    for step in range(total):
+        losses = model.stage_losses(images, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        if step % log_every == 0 or step == model.total_steps - 1 or step == model.local_steps:
-            row = {"step": step, "stage": stage, **{k: round(float(v), 5) for k, v in losses.items()}}
+        if step % log_every == 0 or step == total - 1 or step == local or "local_distillation_fraction" in losses:
+            row = {"step": step, "stage": model.stage(step), **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
             history.append(row)
             print(f"    {row}", flush=True)
-    return {"history": history}
+    if global_ == 0:
+        model.finish_local_stage()
+    mean, std = model.compute_score_statistics(images)
+    return {"history": history, "local_steps": local, "global_steps": global_,
+            "local_distillation_fraction": round(model.local_distillation_fraction, 5),
+            "score_normalisation": model.score_normalisation,
+            "score_mean_median": [round(float(v), 6) for v in mean.median(dim=-1).values],
+            "score_std_median": [round(float(v), 6) for v in std.median(dim=-1).values]}
 
 
 def train_rd(model: Any, images: torch.Tensor, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:  # noqa: ANN401
@@ -187,6 +261,22 @@ def evaluate(model: Any, data: dict[str, torch.Tensor], batch_size: int) -> dict
     seconds = time.perf_counter() - start
     metrics = raw_metrics(torch.cat(scores), torch.cat(maps), data["label"], data["mask"])
     return {"images_per_s": len(data["image"]) / seconds, **metrics}
+
+
+@torch.no_grad()
+def evaluate_score_modes(model: Any, data: dict[str, torch.Tensor], batch_size: int,  # noqa: ANN401
+                         modes: list[str]) -> dict[str, dict[str, float]]:
+    """Metrics of each score mode from one pass of the networks (the heads are computed once per image)."""
+    glance = model.model.eval()
+    heads = [glance.head_scores(data["image"][begin : begin + batch_size])
+             for begin in range(0, len(data["image"]), batch_size)]
+    s_iad = torch.cat([h[0] for h in heads])
+    s_dad = torch.cat([h[1] for h in heads])
+    out = {}
+    for mode in modes:
+        result = glance.maps_from_patch_scores(glance.combine_scores(s_iad, s_dad, mode))
+        out[mode] = raw_metrics(result.pred_score, result.anomaly_map, data["label"], data["mask"])
+    return out
 
 
 @torch.no_grad()
@@ -258,7 +348,7 @@ def score_with_lambda_s(
 
 def rescore(args: argparse.Namespace, name: str, data: dict[str, Any], results: list[dict[str, Any]],  # noqa: ANN401
             pre_trained: bool | str) -> None:
-    """Score the saved Glance model of dataset ``name`` with every ``--extra-lambda-s``."""
+    """Score the saved Glance model of dataset ``name`` with every ``--extra-lambda-s`` / ``--extra-normalisations``."""
     path = args.rescore_from / f"{name}_glance.pt"
     row = next((r for r in results if r["dataset"] == name and r["model"] == "glance"), None)
     if row is None or not path.is_file():
@@ -270,7 +360,95 @@ def rescore(args: argparse.Namespace, name: str, data: dict[str, Any], results: 
         label = f"glance(lambda_s={lambda_s:g})"
         results[:] = [r for r in results if not (r["dataset"] == name and r["model"] == label)]
         results.append(score_with_lambda_s(model, data, row, lambda_s, args))
-    args.out.write_text(json.dumps({**json.loads(args.out.read_text()), "results": results}, indent=1))
+    for normalisation in args.extra_normalisations:
+        model.score_normalisation = normalisation
+        model.compute_score_statistics(data["train"]["image"])
+        for mode, metrics in evaluate_score_modes(model, data["test"], args.eval_batch_size, args.score_modes).items():
+            label = f"glance[{mode},{normalisation}]"
+            results[:] = [r for r in results if not (r["dataset"] == name and r["model"] == label)]
+            results.append({"dataset": name, "model": label, "train_seconds": row["train_seconds"],
+                            **{k: round(v, 4) for k, v in metrics.items()},
+                            "local_distillation_fraction": row.get("local_distillation_fraction")})
+            print(f"   {json.dumps(results[-1])}", flush=True)
+    previous = json.loads(args.out.read_text())
+    rescores = [*previous.get("rescore_commands", []), " ".join([sys.executable, *sys.argv])]
+    args.out.write_text(json.dumps({**previous, "rescore_commands": rescores, "results": results}, indent=1))
+
+
+def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
+    """Stage 1 alone (Local-Net distillation) with each compactness variant; held-out fraction over time.
+
+    Variants: ``paper`` (``lambda_c = 1`` from the first step), ``no_lc`` (``lambda_c = 0``), ``warmup``
+    (the default ``lambda_c_warmup = (0.25, 0.5)``), ``balanced`` (``lambda_c = 1`` on ``L_c`` scaled by the
+    detached mean feature std, which makes its gradient independent of the feature scale). Everything else
+    is shared: same seed, teacher statistics, held-out patches (``Glance``'s own, 256 patches drawn at the
+    first step) and batches of ``--stage1-batch-size`` patches.
+    """
+    from anomalib_dskd import Glance, Rd
+    from anomalib_dskd.models.glance.loss import compactness_loss, knowledge_distillation_loss
+
+    name, layout, root, category = parse_dataset(args.dataset[0])
+    images = load_split(layout, root, category, Rd.configure_pre_processor((256, 256)).transform)["train"]["image"]
+    rows = []
+    for variant in args.stage1_study:
+        torch.manual_seed(args.seed)
+        kwargs = {"backbone": args.backbone, "pre_trained": pre_trained, "evaluator": False, "visualizer": False,
+                  "local_steps": args.stage1_steps, "global_steps": 0, "lr_local": args.stage1_lr,
+                  "local_batch_size": args.stage1_batch_size,
+                  "lambda_c": 0.0 if variant == "no_lc" else 1.0,
+                  "lambda_c_warmup": (0.25, 0.5) if variant == "warmup" else (0.0, 0.0)}
+        if args.teacher_std_floor is not None:
+            kwargs["teacher_std_floor"] = args.teacher_std_floor
+        model = Glance(**kwargs)
+        if args.stage1_init == "kaiming":
+            for conv in (model.model.local_net.conv1, model.model.local_net.conv2, model.model.local_net.conv3,
+                         model.model.local_net.conv4):
+                torch.nn.init.kaiming_normal_(conv.weight, a=5e-3, mode="fan_in", nonlinearity="leaky_relu")
+                torch.nn.init.zeros_(conv.bias)
+        model.set_schedule(args.stage1_steps)
+        optimizer = model.configure_optimizers()
+        history, start, batch_losses = [], time.perf_counter(), []
+        every = max(args.stage1_steps // 10, 1)
+        for step in range(args.stage1_steps):
+            if variant == "balanced":
+                model._init_teacher_and_heldout(images)  # noqa: SLF001
+                patches = model._sample_patches(images, model.local_batch_size)  # noqa: SLF001
+                features = model.model.local_net(patches)
+                l_k = knowledge_distillation_loss(model.model.decoder(features), model.model.teacher(patches))
+                l_c = compactness_loss(features)
+                losses = {"loss": l_k + l_c * features.std(0).mean().detach(), "loss_k": l_k, "loss_c": l_c}
+            else:
+                losses = model.local_stage_losses(images, step)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            batch_losses.append(float(losses["loss_k"].detach()))
+            if step % every == 0 or step == args.stage1_steps - 1:
+                with torch.no_grad():
+                    std = float(model.model.local_net(model._heldout[0]).std(0).median())  # noqa: SLF001
+                row = {"step": step, "loss_k": round(float(losses["loss_k"]), 2), "loss_c": round(float(losses["loss_c"]), 3),
+                       "heldout_fraction": round(model.measure_local_distillation(), 4), "feature_std_median": round(std, 4)}
+                history.append(row)
+                print(f"   {variant}: {row}", flush=True)
+        baseline = float(model._heldout[1].square().sum(dim=-1).mean())  # noqa: SLF001
+        rows.append({"dataset": name, "variant": variant, "steps": args.stage1_steps, "lr_local": args.stage1_lr,
+                     "batch_size": args.stage1_batch_size, "teacher_std_floor": model.teacher_std_floor,
+                     "init": args.stage1_init, "heldout_baseline": round(baseline, 1),
+                     "max_batch_loss_k": round(max(batch_losses), 1),
+                     "batches_over_5x_baseline": sum(v > 5 * baseline for v in batch_losses),
+                     "final_heldout_fraction": history[-1]["heldout_fraction"], "final_loss_c": history[-1]["loss_c"],
+                     "seconds": round(time.perf_counter() - start, 1), "history": history})
+        print(f"== {variant}: held-out fraction {history[-1]['heldout_fraction']}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
+        key = ("dataset", "variant", "steps", "lr_local", "teacher_std_floor", "init")
+        previous = [r for r in previous if tuple(r.get(k) for k in key) != tuple(rows[-1][k] for k in key)]
+        commands = json.loads(args.out.read_text()).get("commands", []) if args.out.exists() else []
+        command = " ".join([sys.executable, *sys.argv])
+        args.out.write_text(json.dumps({"commands": [*[c for c in commands if c != command], command],
+                                        "threads": args.threads, "seed": args.seed, "results": [*previous, rows[-1]]},
+                                       indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +464,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pre_trained: bool | str = False if args.weights.lower() == "false" else args.weights
     from anomalib_dskd import Rd
+
+    if args.synthetic is not None:
+        from anomalib_dskd.data import generate_mvtec_ad_category
+
+        n_train, n_good, n_defect = args.synthetic_sizes
+        folder = generate_mvtec_ad_category(args.synthetic, "parts", seed=args.seed, image_size=(256, 256),
+                                            n_train=n_train, n_test_good=n_good, n_per_defect=n_defect, overwrite=True)
+        args.dataset.insert(0, f"synthetic={args.synthetic}:{folder.name}")
+    if args.stage1_study is not None:
+        return stage1_study(args, pre_trained)
 
     transform = Rd.configure_pre_processor((256, 256)).transform
     results: list[dict[str, Any]] = []
@@ -310,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- {model_name}", flush=True)
             start = time.perf_counter()
             if model_name == "glance":
-                info = train_glance(model, data["train"]["image"])
+                info = train_glance(model, data["train"]["image"], args.total_steps)
             else:
                 info = train_rd(model, data["train"]["image"], args.rd_epochs, args.rd_batch_size, args.seed)
             train_seconds = time.perf_counter() - start
@@ -319,6 +507,14 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save(model.state_dict(), args.save_models / f"{name}_{model_name}.pt")
             metrics = evaluate(model, data["test"], args.eval_batch_size)
             metrics["latency_ms_batch1"] = latency_ms(model, data["test"]["image"][:1], args.latency_repeats)
+            extra_rows = []
+            if model_name == "glance" and (len(args.score_modes) > 1 or args.score_modes != ["mixed"]):
+                by_mode = evaluate_score_modes(model, data["test"], args.eval_batch_size, args.score_modes)
+                for mode, mode_metrics in by_mode.items():
+                    extra_rows.append({"dataset": name, "model": f"glance[{mode}]", "train_seconds": round(train_seconds, 1),
+                                       **{k: round(v, 4) for k, v in mode_metrics.items()},
+                                       "local_distillation_fraction": info.get("local_distillation_fraction")})
+                    print(f"   {json.dumps(extra_rows[-1])}", flush=True)
             row = {
                 "dataset": name,
                 "model": model_name,
@@ -329,9 +525,11 @@ def main(argv: list[str] | None = None) -> int:
                     else {"epochs": args.rd_epochs, "batch_size": args.rd_batch_size}
                 ),
                 "train_log": info["history"],
+                **{k: v for k, v in info.items() if k != "history"},
             }
             print(f"   {json.dumps({k: v for k, v in row.items() if k != 'train_log'})}", flush=True)
             results.append(row)
+            results.extend(extra_rows)
             if model_name == "glance":
                 for lambda_s in args.extra_lambda_s:
                     results.append(score_with_lambda_s(model, data, row, lambda_s, args))
@@ -346,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         latency = r.get("latency_ms_batch1")
+        speed = f"{r['images_per_s']:.2f} | {latency:.0f}" if latency else "- | -"
         print(f"| {r['dataset']} | {r['model']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} "
-              f"| {r['train_seconds']:.0f} | {r['images_per_s']:.2f} | {latency:.0f} |" if latency else "| - |")
+              f"| {r['train_seconds']:.0f} | {speed} |")
     return 0
 
 

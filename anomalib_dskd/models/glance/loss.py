@@ -7,7 +7,9 @@ Feature Comparison", CVPR 2021; supplementary C.1):
   feature and the standardised teacher feature) plus compactness ``L_c`` (sum of the off-diagonal
   entries of the correlation matrix of the Local-Net features over the batch), both as defined in
   Bergmann et al., "Uninformed Students" (CVPR 2020); ``L = lambda_k L_k + lambda_c L_c``, with
-  ``lambda_k = lambda_c = 1``.
+  ``lambda_k = lambda_c = 1``. Here ``lambda_c`` can be warmed up over stage 1 (``Glance``'s
+  ``lambda_c_warmup``): ``L_c`` is scale invariant, its gradient grows as ``1 / std`` of the
+  features, and at the start of training it dominates ``L_k`` by orders of magnitude.
 * Stage 2, Global-Net and DAD head (Local-Net frozen): the IAD loss ``||g - l(p)||^2`` (squared L2
   distance between the global and the local feature, which trains Global-Net), and the DAD loss, the
   cross-entropy of the DAD head on the matching pair ``(g, l(p))`` (label "match") and on the pair
@@ -63,11 +65,25 @@ class GlanceLoss(nn.Module):
         self.lambda_c = float(lambda_c)
         self.lambda_t = float(lambda_t)
 
-    def local(self, decoded: torch.Tensor, target: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stage-1 loss terms; ``"loss"`` is the weighted total."""
+    def local(
+        self,
+        decoded: torch.Tensor,
+        target: torch.Tensor,
+        features: torch.Tensor,
+        lambda_c: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Stage-1 loss terms; ``"loss"`` is the weighted total.
+
+        Args:
+            decoded: ``(N, D_teacher)`` decoded Local-Net features.
+            target: ``(N, D_teacher)`` standardised teacher features.
+            features: ``(N, D)`` Local-Net features (for ``L_c``).
+            lambda_c: Compactness weight of this iteration (the warm-up schedule); default ``self.lambda_c``.
+        """
+        weight = self.lambda_c if lambda_c is None else float(lambda_c)
         l_k = knowledge_distillation_loss(decoded, target)
         l_c = compactness_loss(features)
-        return {"loss": self.lambda_k * l_k + self.lambda_c * l_c, "loss_k": l_k, "loss_c": l_c}
+        return {"loss": self.lambda_k * l_k + weight * l_c, "loss_k": l_k, "loss_c": l_c}
 
     def global_(
         self,

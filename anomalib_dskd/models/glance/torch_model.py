@@ -9,8 +9,10 @@ pixel map by inverse distance weighting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from anomalib.data import InferenceBatch
@@ -35,6 +37,9 @@ from .components import (
 from .components.local_net import dense_window_index
 from .loss import iad_distance
 
+#: values of ``score_mode``: the patch score heads (suppl. C.1 mixes both; each alone is the ablation).
+SCORE_MODES = ("mixed", "iad", "dad")
+
 
 class GlanceModel(nn.Module):
     """Local-Net, Global-Net, DAD head, patch teacher and the grid inference.
@@ -48,7 +53,9 @@ class GlanceModel(nn.Module):
             the nearest pixel.
         feature_dim: Local / global feature dimension (128).
         teacher_input_size: Side the 33x33 patch is resized to for the teacher.
-        lambda_s: Weight of ``s_IAD`` in the patch score (0.8).
+        lambda_s: Weight of the IAD term in the ``"mixed"`` patch score (0.8).
+        score_mode: ``"mixed"`` (default: ``lambda_s * z_IAD + (1 - lambda_s) * z_DAD``), ``"iad"``
+            (``z_IAD`` only) or ``"dad"`` (``z_DAD`` only); all three use the same trained weights.
         idw_power: IDW power (5).
         stain_size: ``(min, max)`` stain size in pixels for the DAD negatives.
         max_stains: Maximum stains per negative patch.
@@ -58,6 +65,20 @@ class GlanceModel(nn.Module):
 
     In eval mode ``forward(images)`` returns an :class:`~anomalib.data.InferenceBatch` with the
     ``(B, 1, H, W)`` IDW map and ``pred_score`` = its maximum (= the largest patch score).
+
+    Score standardisation: ``s_IAD`` (a squared distance whose scale follows Local-Net's feature norm,
+    measured from ~5 to ~13,000) and ``1 - P_match`` (in ``[0, 1]``) are put on one scale before
+    ``lambda_s`` mixes them: ``z_IAD = (s_IAD - m_IAD) / sd_IAD`` and ``z_DAD = (1 - P_match - m_DAD) / sd_DAD``,
+    with the mean / std of each over normal training images, per grid position or over all positions
+    (the persistent ``(2, P)`` buffers ``score_mean`` / ``score_std``, set by :meth:`set_score_statistics`,
+    exported with the model; ``score_statistics_patches`` counts the patches they come from, 0 = never
+    computed). The
+    paper's formula is ``lambda_s * s_IAD + (1 - lambda_s) * (1 - P_match)`` on raw values; with the
+    default buffers (mean 0, std 1), which is also what a checkpoint written before the buffers
+    existed loads with, the score is exactly that raw formula.
+
+    ``local_distillation_fraction`` (persistent buffer, NaN until measured): Local-Net's held-out
+    distillation loss at the end of stage 1 as a fraction of the zero-predictor baseline.
     """
 
     def __init__(
@@ -70,6 +91,7 @@ class GlanceModel(nn.Module):
         feature_dim: int = 128,
         teacher_input_size: int = 64,
         lambda_s: float = 0.8,
+        score_mode: str = "mixed",
         idw_power: float = 5.0,
         stain_size: Sequence[float] = (4.0, 16.0),
         max_stains: int = 3,
@@ -82,6 +104,9 @@ class GlanceModel(nn.Module):
         if not 0.0 <= float(lambda_s) <= 1.0:
             msg = f"lambda_s must be in [0, 1], got {lambda_s}"
             raise GlanceConfigError(msg)
+        if score_mode not in SCORE_MODES:
+            msg = f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}"
+            raise GlanceConfigError(msg)
         if float(idw_power) <= 0:
             msg = f"idw_power must be > 0, got {idw_power}"
             raise GlanceConfigError(msg)
@@ -89,6 +114,7 @@ class GlanceModel(nn.Module):
         self.patches_per_side = int(patches_per_side)
         self.grid_align = int(grid_align)
         self.lambda_s = float(lambda_s)
+        self.score_mode = score_mode
         self.fast_inference = bool(fast_inference)
         self.inference_chunk = max(1, int(inference_chunk))
 
@@ -109,6 +135,59 @@ class GlanceModel(nn.Module):
         self.stains = StainGenerator(stain_size, max_stains)
         self.global_grid = GlobalGridEvaluator(self.global_net, self.input_size, corners, PATCH_SIZE)
         self.idw = IDWFusion(self.input_size, corners.float() + (PATCH_SIZE - 1) / 2, idw_power)
+
+        # [IAD, DAD] x grid position statistics of the patch scores over normal training patches (see the
+        # class docstring); with "global" normalisation every position holds the same value
+        self.register_buffer("score_mean", torch.zeros(2, self.n_patches))
+        self.register_buffer("score_std", torch.ones(2, self.n_patches))
+        self.register_buffer("score_statistics_patches", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("local_distillation_fraction", torch.tensor(math.nan))
+        self.score_mean: torch.Tensor
+        self.score_std: torch.Tensor
+        self.score_statistics_patches: torch.Tensor
+        self.local_distillation_fraction: torch.Tensor
+
+    # ------------------------------------------------------------------ checkpoints / statistics
+    #: buffers added after the first release, with the values that reproduce the old behaviour
+    _LEGACY_BUFFERS: ClassVar[dict[str, Callable[[GlanceModel], torch.Tensor]]] = {
+        "score_mean": lambda self: torch.zeros_like(self.score_mean),
+        "score_std": lambda self: torch.ones_like(self.score_std),
+        "score_statistics_patches": lambda self: torch.zeros_like(self.score_statistics_patches),
+        "local_distillation_fraction": lambda self: torch.full_like(self.local_distillation_fraction, math.nan),
+    }
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # Checkpoints written before score standardisation existed: mean 0 / std 1 give the raw paper
+        # formula they were scored with, and the distillation fraction is unknown (NaN).
+        if prefix + "local_net.conv1.weight" in state_dict:
+            for name, default in self._LEGACY_BUFFERS.items():
+                state_dict.setdefault(prefix + name, default(self))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def has_score_statistics(self) -> bool:
+        """Whether the score statistics were computed (else mean 0 / std 1: the raw paper formula)."""
+        return bool(self.score_statistics_patches > 0)
+
+    @torch.no_grad()
+    def set_score_statistics(self, mean: torch.Tensor, std: torch.Tensor, patches: float) -> None:
+        """Store the mean and standard deviation of the ``[IAD, DAD]`` patch scores of normal patches.
+
+        Args:
+            mean: ``(2,)`` (one value per head, every grid position) or ``(2, P)`` (per grid position).
+            std: Same shape as ``mean``; must be positive.
+            patches: Number of normal patches they come from (> 0 marks the model as calibrated).
+        """
+        mean = torch.as_tensor(mean, dtype=self.score_mean.dtype, device=self.score_mean.device)
+        std = torch.as_tensor(std, dtype=self.score_std.dtype, device=self.score_std.device)
+        if mean.dim() == 1:
+            mean, std = mean[:, None], std[:, None]
+        if not bool((std > 0).all()):
+            msg = "score standard deviations must be positive"
+            raise ValueError(msg)
+        self.score_mean.copy_(mean.expand_as(self.score_mean))
+        self.score_std.copy_(std.expand_as(self.score_std))
+        self.score_statistics_patches.fill_(float(patches))
 
     # ------------------------------------------------------------------ training helpers
     def random_corners(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -148,13 +227,45 @@ class GlanceModel(nn.Module):
         ]
         return torch.stack(features)
 
-    def patch_scores(self, images: torch.Tensor, fast: bool | None = None) -> torch.Tensor:
-        """Patch scores ``(B, P)``: ``lambda_s * s_IAD + (1 - lambda_s) * (1 - P_match)``."""
+    def head_scores(self, images: torch.Tensor, fast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw per-patch head outputs ``(s_IAD, 1 - P_match)``, each ``(B, P)``, before standardisation."""
         local = self.grid_local_features(images, fast)
         global_ = self.grid_global_features(images, fast)
-        s_iad = iad_distance(global_, local)
-        p_match = self.dad.match_probability(global_, local)
-        return self.lambda_s * s_iad + (1 - self.lambda_s) * (1 - p_match)
+        return iad_distance(global_, local), 1 - self.dad.match_probability(global_, local)
+
+    def combine_scores(self, s_iad: torch.Tensor, s_dad: torch.Tensor, score_mode: str | None = None) -> torch.Tensor:
+        """Standardise the head outputs and combine them as ``score_mode`` (default: the model's).
+
+        ``z_IAD = (s_IAD - score_mean[0]) / score_std[0]``, ``z_DAD = (1 - P_match - score_mean[1]) / score_std[1]``
+        (statistics per grid position, broadcast over the batch); ``"mixed"``: ``lambda_s * z_IAD + (1 - lambda_s) * z_DAD``, ``"iad"``: ``z_IAD``, ``"dad"``: ``z_DAD``.
+        Without statistics (mean 0, std 1) ``"mixed"`` is the paper's raw
+        ``lambda_s * s_IAD + (1 - lambda_s) * (1 - P_match)``.
+        """
+        mode = self.score_mode if score_mode is None else score_mode
+        if mode not in SCORE_MODES:
+            msg = f"score_mode must be one of {SCORE_MODES}, got {mode!r}"
+            raise GlanceConfigError(msg)
+        # Standardise both heads at once against the whole (2, 1, P) buffers: OpenVINO 2026.4 folds slices of a
+        # (2, P) constant (score_mean[0]) wrongly in this graph (measured: only the first position's value
+        # was right); ONNX Runtime is right either way.
+        heads = torch.stack([s_iad, s_dad])  # (2, B, P)
+        z = (heads - self.score_mean.to(heads.dtype).unsqueeze(1)) / self.score_std.to(heads.dtype).unsqueeze(1)
+        z_iad, z_dad = z[0], z[1]
+        if mode == "iad":
+            return z_iad
+        if mode == "dad":
+            return z_dad
+        return self.lambda_s * z_iad + (1 - self.lambda_s) * z_dad
+
+    def patch_scores(self, images: torch.Tensor, fast: bool | None = None) -> torch.Tensor:
+        """Patch scores ``(B, P)`` of ``score_mode`` (see :meth:`combine_scores`)."""
+        return self.combine_scores(*self.head_scores(images, fast))
+
+    def maps_from_patch_scores(self, scores: torch.Tensor) -> InferenceBatch:
+        """IDW anomaly map ``(B, 1, H, W)`` of patch scores ``(B, P)`` and the image score (its maximum)."""
+        anomaly_map = self.idw(scores)
+        pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (IDW of the patch scores) and image score (its maximum)."""
@@ -163,6 +274,4 @@ class GlanceModel(nn.Module):
             scores = self.patch_scores(images)
         else:
             scores = torch.cat([self.patch_scores(chunk) for chunk in images.split(self.inference_chunk)])
-        anomaly_map = self.idw(scores)
-        pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return self.maps_from_patch_scores(scores)

@@ -186,10 +186,19 @@ class PatchTeacher(nn.Module):
         return self.model(patches)
 
     @torch.no_grad()
-    def set_statistics(self, features: torch.Tensor) -> None:
-        """Store the per-channel mean and standard deviation of raw teacher features ``(N, D)``."""
+    def set_statistics(self, features: torch.Tensor, std_floor: float = 0.0) -> None:
+        """Store the per-channel mean and standard deviation of raw teacher features ``(N, D)``.
+
+        Args:
+            features: Raw teacher features of the statistics patches.
+            std_floor: Each channel's std is raised to at least ``std_floor * median(std)`` (and 1e-6):
+                nearly constant channels would otherwise give targets of hundreds of standard
+                deviations on other patches. ``0`` is plain standardisation.
+        """
+        std = features.std(0)
+        floor = max(float(std_floor) * float(std.median()), 1e-6)
         self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0).clamp(min=1e-6))
+        self.std.copy_(std.clamp(min=floor))
         self.initialized.fill_(True)
 
     @torch.no_grad()
