@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
@@ -310,22 +311,7 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         return images
 
     def _loaders(self, split: str) -> list[DataLoader]:
-        trainer = self._trainer
-        if trainer is None:
-            return []
-        loaders = trainer.val_dataloaders if split == "val" else trainer.train_dataloader
-        if loaders is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            data = getattr(datamodule, f"{split}_data", None) if datamodule is not None else None
-            if data is not None and len(data):
-                loaders = getattr(datamodule, f"{split}_dataloader")()
-        if loaders is None:
-            return []
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        if not isinstance(loaders, list | tuple):
-            loaders = [loaders]
-        return [loader for loader in loaders if loader is not None]
+        return trainer_loaders(self, split)
 
     def _shard(self, loader: DataLoader) -> Iterable:
         """This process's share of ``loader``'s dataset, in order, without padding duplicates."""

@@ -58,6 +58,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
@@ -753,22 +754,7 @@ class Glance(AnomalibModule):
                     yield images
 
     def _train_loaders(self) -> list:
-        trainer = self._trainer
-        if trainer is None:
-            return []
-        loaders = trainer.train_dataloader
-        if loaders is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            data = getattr(datamodule, "train_data", None) if datamodule is not None else None
-            if data is not None and len(data):
-                loaders = datamodule.train_dataloader()
-        if loaders is None:
-            return []
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        if not isinstance(loaders, list | tuple):
-            loaders = [loaders]
-        return [loader for loader in loaders if loader is not None]
+        return trainer_loaders(self, "train")
 
     def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer
