@@ -87,3 +87,24 @@ def packd_setup(root: Any, weights: str | bool) -> tuple[Any, Any]:  # noqa: ANN
         )
 
     return build_model, datamodule
+
+
+#: Glance: a generated MVTec AD category at 256x256 (Glance's Global-Net needs 243..274 px), the small config
+GLANCE_CATEGORY_ARGS: dict[str, Any] = {"image_size": (256, 256), "n_train": 32, "n_test_good": 10, "n_per_defect": 5}
+GLANCE_STEPS = 400
+
+
+def build_glance(weights: str | bool) -> Any:  # noqa: ANN401
+    """Glance with ``configs/model/glance.yaml``'s init args, stage 1 = 60 % of the budget, raw post-processing."""
+    from pathlib import Path
+
+    import yaml
+    from anomalib.post_processing import PostProcessor
+
+    from anomalib_dskd.models.glance import Glance
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "model" / "glance.yaml"
+    kwargs = dict(yaml.safe_load(config.read_text())["model"]["init_args"])
+    kwargs.update(pre_trained=weights, local_fraction=0.6, post_processor=PostProcessor(enable_normalization=False),
+                  evaluator=False, visualizer=False)
+    return Glance(**kwargs)

@@ -83,6 +83,7 @@ def train_and_predict(
     seed: int = 0,
     train: bool = True,
     root_dir: str | Path | None = None,
+    max_steps: int = -1,
 ) -> tuple[Any, Any, list[Any]]:
     """Train ``build_model()`` with anomalib's ``Engine`` on ``datamodule`` and predict its test set.
 
@@ -99,6 +100,7 @@ def train_and_predict(
         warnings.simplefilter("ignore")
         engine = Engine(
             max_epochs=max_epochs if train else 0,
+            max_steps=max_steps if train else -1,
             accelerator="cpu",
             devices=1,
             logger=False,
