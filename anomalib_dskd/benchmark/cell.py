@@ -189,6 +189,7 @@ def _epoch_timer() -> Any:  # noqa: ANN401
             self.batches = 0
             self.batches_per_epoch: int | None = None
             self.last_validation_step: int | None = None
+            self.losses: list[dict[str, float]] = []
             self._start = 0.0
             self._val_start = 0.0
             self._val_in_epoch = 0.0
@@ -212,11 +213,49 @@ def _epoch_timer() -> Any:  # noqa: ANN401
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
             self.durations.append(time.perf_counter() - self._start - self._val_in_epoch)
+            # the epoch means of the logged training losses (``train_loss_epoch`` and its parts), the
+            # curve the budget is chosen from (training data only, never the test set)
+            self.losses.append({
+                name.removesuffix("_epoch"): round(float(value), 6)
+                for name, value in trainer.callback_metrics.items()
+                if name.startswith("train_") and name.endswith("_epoch") and getattr(value, "numel", lambda: 1)() == 1
+            })
             batches = getattr(trainer, "num_training_batches", None)
             if isinstance(batches, int) and batches > 0:
                 self.batches_per_epoch = batches
 
     return EpochTimer()
+
+
+def _per_student_metrics(engine: Any, model: Any, datamodule: Any, students: tuple[str, ...]) -> dict[str, float]:  # noqa: ANN401
+    """Image AUROC of the fused score and of each student's map alone, per LOCO subset, on raw outputs.
+
+    Keys ``image_AUROC_<subset>_fused`` and ``image_AUROC_<subset>_<student>_student`` (subset ``all``,
+    ``logical``, ``structural`` where the test set has it), scored by
+    :func:`anomalib_dskd.benchmark.detection.score_predictions` on predictions with the post-processor's
+    normalisation off.
+    """
+    from anomalib_dskd.benchmark.detection import score_predictions
+
+    post = model.post_processor
+    saved = getattr(post, "enable_normalization", None)
+    if saved is not None:
+        post.enable_normalization = False
+    try:
+        predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader(), return_predictions=True)
+    finally:
+        if saved is not None:
+            post.enable_normalization = saved
+    scored = score_predictions(list(predictions or []), extra_maps=tuple(f"anomaly_map_{s}" for s in students))
+    out: dict[str, float] = {}
+    for key, value in scored.items():
+        if not key.startswith("image_auroc_") or key.endswith("_inverted"):
+            continue
+        rest = key.removeprefix("image_auroc_")
+        subset, _, student = rest.partition("_")
+        name = f"image_AUROC_{subset}_{student}_student" if student else f"image_AUROC_{subset}_fused"
+        out[name] = value
+    return out
 
 
 def _float_metrics(results: dict[str, Any]) -> dict[str, float | None]:
@@ -338,6 +377,12 @@ def run_cell(spec: CellSpec, cell_dir: Path) -> dict[str, Any]:  # noqa: C901, P
             "test_s": time.perf_counter() - test_start,
         }
         result["metrics"] = _float_metrics(results[0] if results else {})
+        if any(timer.losses):
+            result["train_loss_per_epoch"] = timer.losses
+        students = tuple(getattr(getattr(model, "model", None), "students", ()) or ())
+        if len(students) > 1:  # Dskd: each student's map scored alone as well as the fused one (paper Table 4)
+            _stage(cell_dir, "score each student alone")
+            result["metrics"].update(_per_student_metrics(engine, model, datamodule, students))
         result["memory_mb"]["peak_rss_train_test"] = peak_rss_mb()
         result["size"]["params"] = _count(model)
         result["status"] = "ok"

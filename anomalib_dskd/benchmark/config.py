@@ -69,7 +69,9 @@ _MODEL_KEYS = {"name", "label", "kwargs", "kwargs_by_model", "family", "skip", *
 _FOLDER_KEYS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
 _DATASET_KEYS = {"name", "format", "root", "category", "datamodule", "generate", "max_train_images", "fallback"}
 _GENERATE_KEYS = {
-    "synthetic_loco": {"seed", "image_size", "n_train", "n_validation", "n_test_good", "n_logical", "n_structural"},
+    "synthetic_loco": {
+        "seed", "image_size", "n_train", "n_validation", "n_test_good", "n_logical", "n_structural", "preset",
+    },
     "synthetic_mvtec_ad": {
         "seed", "image_size", "n_train", "n_test_good", "n_per_defect", "defect_types", "n_validation",
     },
