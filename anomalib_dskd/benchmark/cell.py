@@ -227,6 +227,21 @@ def _epoch_timer() -> Any:  # noqa: ANN401
     return EpochTimer()
 
 
+def _keep_checkpoint(engine: Any, path: Path) -> None:  # noqa: ANN401
+    """Save the model's weights, hyperparameters and pre/post-processor state, without the optimiser or
+    the cell's evaluator (its metric states hold the whole test set's maps: hundreds of MiB).
+
+    Load it with ``<Model>.load_from_checkpoint(path, strict=False)`` (the fresh model's default
+    evaluator has keys the saved one did not keep).
+    """
+    import torch
+
+    engine.trainer.save_checkpoint(path, weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("evaluator.")}
+    torch.save(checkpoint, path)
+
+
 def _per_student_metrics(engine: Any, model: Any, datamodule: Any, students: tuple[str, ...]) -> dict[str, float]:  # noqa: ANN401
     """Image AUROC of the fused score and of each student's map alone, per LOCO subset, on raw outputs.
 
@@ -383,6 +398,11 @@ def run_cell(spec: CellSpec, cell_dir: Path) -> dict[str, Any]:  # noqa: C901, P
         if len(students) > 1:  # Dskd: each student's map scored alone as well as the fused one (paper Table 4)
             _stage(cell_dir, "score each student alone")
             result["metrics"].update(_per_student_metrics(engine, model, datamodule, students))
+        if spec.evaluation.get("keep_checkpoint"):
+            # the trained, validated and tested model (post-processor statistics included), loadable with
+            # ``<Model>.load_from_checkpoint``: later studies (INT8, scoring options) re-use it without retraining
+            _keep_checkpoint(engine, cell_dir / "model.ckpt")
+            result["notes"].append(f"checkpoint kept: {cell_dir.name}/model.ckpt")
         result["memory_mb"]["peak_rss_train_test"] = peak_rss_mb()
         result["size"]["params"] = _count(model)
         result["status"] = "ok"

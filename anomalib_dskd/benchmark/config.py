@@ -82,7 +82,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "runtimes": list(RUNTIMES), "warmup": 5, "runs": 30, "threads": 2, "speed_on": "first_dataset",
         "int8_calibration_images": 32, "keep_exports": False, "opset_version": 18,
     },
-    "evaluation": {"raw_predictions": True, "aupro_fpr_limit": 0.3, "loco": "auto", "spro_limit": 0.05},
+    "evaluation": {
+        "raw_predictions": True, "aupro_fpr_limit": 0.3, "loco": "auto", "spro_limit": 0.05, "keep_checkpoint": False,
+    },
     "runner": {"isolation": "subprocess", "cell_timeout_s": 3600, "threads": None},
     "trainer": {"accelerator": "cpu", "devices": 1},
     "data": {"train_batch_size": 8, "eval_batch_size": 16, "num_workers": 0},
@@ -439,6 +441,8 @@ class BenchmarkConfig:
         """Evaluation settings with defaults."""
         out = self.section("evaluation")
         _one_of("evaluation.loco", out["loco"], ("auto", "off"))
+        if not isinstance(out["keep_checkpoint"], bool):
+            raise ConfigError(f"evaluation.keep_checkpoint must be true or false, got {out['keep_checkpoint']!r}")
         return out
 
     @property
