@@ -7,6 +7,8 @@ skip cleanly otherwise. Set ``ANOMALIB_DSKD_SHARED`` to point elsewhere.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,19 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread inside the block (faster than two spinning threads on a shared 2-core machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def shared_path() -> Path:

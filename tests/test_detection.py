@@ -109,6 +109,48 @@ def test_checkpoint_round_trip_gives_the_same_maps_and_scores(name: str, categor
     torch.testing.assert_close(ours.pred_score, theirs.pred_score, rtol=1e-5, atol=1e-6)
 
 
+#: INT8 (anomalib's ``CompressionType.INT8_PTQ`` path) against the f32 export of the same trained model, raw
+#: outputs. Measured here (this test's print, seed 0, 2026-12-02): map Pearson correlation over the test set
+#: rd 0.74, ard 0.87, dskd 0.66; image AUROC f32 -> INT8 rd 1.000 -> 0.969, ard 0.906 -> 0.795, dskd
+#: 1.000 -> 0.997. So INT8 costs accuracy on these small 128 px maps (the real-data study,
+#: ``benchmarks/int8_accuracy.py``, measures by how much); this test does not assert the issue's accuracy target.
+#: It fails when INT8 *destroys* the maps: a constant output (what anomalib's normalisation inside the graph
+#: gives after INT8, see docs/benchmarks/edge/README.md) has no correlation and AUROC 0.5, a map of quantisation
+#: noise correlates near 0 and falls to the untrained models' AUROC (at most 0.73, module docstring). Bounds:
+#: correlation 0.5 (0.16 below the worst model), AUROC loss 0.15 (0.04 above the worst).
+INT8_MIN_MAP_CORRELATION = 0.5
+INT8_MAX_AUROC_DROP = 0.15
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_int8_export_keeps_the_maps(name: str, category: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from anomalib_dskd.benchmark.detection import auroc
+    from anomalib_dskd.benchmark.measure import (
+        export_openvino,
+        export_openvino_int8_ptq,
+        map_agreement,
+        openvino_outputs,
+    )
+    from tests.detection_models import SIZE
+
+    model, _, _, datamodule = trained(name, category)
+    batches = list(datamodule.test_dataloader())
+    images = torch.cat([b.image for b in batches]).numpy()
+    labels = torch.cat([b.gt_label for b in batches]).numpy().astype(bool)
+    f32 = openvino_outputs(export_openvino(model, tmp_path / "f32", SIZE), images)
+    int8 = openvino_outputs(export_openvino_int8_ptq(model, datamodule, tmp_path / "int8", SIZE), images)
+    agreement = map_agreement(f32["anomaly_map"], int8["anomaly_map"])
+    f32_auroc = auroc(f32["pred_score"].reshape(-1), labels)
+    int8_auroc = auroc(int8["pred_score"].reshape(-1), labels)
+    print(f"{name}: INT8 vs f32 {agreement}, image AUROC f32 {f32_auroc:.3f} INT8 {int8_auroc:.3f}")
+    assert agreement["pearson"] >= INT8_MIN_MAP_CORRELATION, agreement
+    assert int8_auroc >= f32_auroc - INT8_MAX_AUROC_DROP, (f32_auroc, int8_auroc)
+    assert np.isfinite(int8["anomaly_map"]).all()
+    assert np.ptp(int8["pred_score"]) > 0, "INT8 gives every image the same score"
+
+
 def test_dskd_catches_arrangement_anomalies_its_local_student_misses(tmp_path_factory: pytest.TempPathFactory) -> None:
     from anomalib_dskd.benchmark.detection import detection_run
     from anomalib_dskd.data import generate_loco_category

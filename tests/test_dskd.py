@@ -18,7 +18,7 @@ from anomalib_dskd.models.dskd import (
     GlobalContextCondensingBlock,
     PerPixelCosineLoss,
 )
-from anomalib_dskd.models.dskd.anomaly_map import DskdScoreFusion, affinity_kl, affinity_kl_direct
+from anomalib_dskd.models.dskd.anomaly_map import DskdScoreFusion, affinity_kl, affinity_kl_direct, pooled_affinity_kl
 from anomalib_dskd.models.dskd.statistics import StreamingMoments
 
 SMALL = {"backbone": "mobilenetv2_100", "pre_trained": False, "input_size": (64, 64), "gccb_channels": 16}
@@ -397,15 +397,68 @@ def test_statistics_of_other_global_map_scales_are_refused_until_recomputed() ->
 
 
 @pytest.mark.slow
-def test_export_parity_with_fewer_global_map_scales(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("options", [{"global_map_scales": [1, 2]}, {"global_map_key_pool": 2}])
+def test_export_parity_with_faster_global_scoring(tmp_path, options: dict) -> None:  # noqa: ANN001
     from tests.export_utils import assert_export_parity
 
     model = Dskd(
-        backbone="mobilenetv2_100", pre_trained=False, gccb_channels=16, global_map_scales=[1, 2],
+        backbone="mobilenetv2_100", pre_trained=False, gccb_channels=16, **options,
         pre_processor=PreProcessor(transform=Resize((64, 64))), visualizer=False, evaluator=False,
     )
     model.model.set_statistics(torch.tensor([0.4, 0.01]), torch.tensor([0.1, 0.004]), 10)
     assert_export_parity(model, tmp_path, (64, 64))
+
+
+# ---------------------------------------------------------------- pooled keys at the fine scale
+def test_pooled_keys_are_exact_when_the_teacher_is_constant_on_each_cell() -> None:
+    """With every k x k cell of the teacher map holding one vector, the KL over positions equals the KL over
+    cells (each cell's k^2 equal terms merge), which is what pooled keys compute: equal up to rounding.
+    Any other teacher makes the cell terms' log-mean-exp differ from their mean (the documented error)."""
+    coarse = torch.randn(2, 8, 8, 8)
+    teacher = torch.nn.functional.interpolate(coarse, scale_factor=2, mode="nearest")  # constant on 2x2 cells
+    student = teacher + 0.5 * torch.randn_like(teacher)  # the student is free: queries stay exact
+    exact = affinity_kl_direct(teacher, student)
+    assert torch.allclose(pooled_affinity_kl(teacher, student, 2, chunk_size=64), exact, rtol=1e-4, atol=1e-6)
+    assert torch.equal(pooled_affinity_kl(teacher, student, 1), affinity_kl(teacher, student))
+    rough = torch.randn(2, 8, 16, 16)  # neighbouring vectors unrelated: pooling is no longer exact
+    assert not torch.allclose(pooled_affinity_kl(rough, student, 2), affinity_kl_direct(rough, student), rtol=1e-2)
+
+
+def test_pooled_keys_track_the_exact_map_on_smooth_features() -> None:
+    smooth = torch.nn.functional.interpolate(torch.randn(1, 16, 8, 8), scale_factor=4, mode="bilinear")
+    student = smooth + 0.3 * torch.randn_like(smooth)
+    exact = affinity_kl_direct(smooth, student).flatten()
+    pooled = pooled_affinity_kl(smooth, student, 2).flatten()
+    correlation = torch.corrcoef(torch.stack([exact, pooled]))[0, 1]
+    assert correlation > 0.99, correlation
+
+
+def test_global_map_key_pool_scores_the_shallowest_scale_and_guards_statistics() -> None:
+    exact = DskdModel(**SMALL).eval()
+    pooled = DskdModel(**SMALL, global_map_key_pool=2).eval()
+    pooled.load_state_dict(exact.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        teacher, _, s_glo = exact.features(images)
+        _, glob = pooled.student_maps(images)
+    parts = [pooled_affinity_kl(teacher[0], s_glo[0], 2), affinity_kl(teacher[1], s_glo[1]), affinity_kl(teacher[2], s_glo[2])]
+    expected = sum(
+        torch.nn.functional.interpolate(p.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True) for p in parts
+    )
+    assert torch.allclose(glob, expected, atol=1e-5)
+    exact.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    pooled.load_state_dict(exact.state_dict())
+    with pytest.raises(RuntimeError, match=r"global_map_key_pool=1, but .*global_map_key_pool=2.*Recompute"):
+        pooled(images)
+    pooled.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    assert pooled.statistics_scales.tolist() == [2, 1, 1]
+    assert isinstance(pooled(images), InferenceBatch)
+
+
+@pytest.mark.parametrize("pool", [0, -2, 3, True])
+def test_global_map_key_pool_refuses_values_that_do_not_divide_the_grid(pool: int) -> None:
+    with pytest.raises(ValueError, match="global_map_key_pool"):
+        DskdModel(**SMALL, global_map_key_pool=pool)  # 64 px: a 16x16 shallowest grid
 
 
 def test_dskd_is_registered_with_anomalib() -> None:

@@ -22,6 +22,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dskd.models.dskd import Dskd
+from tests.conftest import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +49,8 @@ def datamodule(root: Path, **kwargs: object) -> MVTecLOCO:
 @pytest.fixture(autouse=True)
 def _one_thread():  # noqa: ANN202
     """One intra-op thread: much faster than two spinning threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -292,14 +292,121 @@ def test_set_support_from_folder_and_errors(trained: dict, few_shot_root: Path, 
         fresh.eval()(torch.rand(1, 3, SIZE, SIZE))
 
 
-def test_training_without_the_few_shot_datamodule_fails_clearly() -> None:
+def test_plain_batch_episodes_never_use_the_query() -> None:
+    """Episodes of a plain one-category batch: supports are other images of the batch, seeded by torch's RNG."""
+    from lightning.pytorch import seed_everything
+
+    from anomalib_dskd.models.packd.lightning_model import draw_episode_supports
+
+    paths = [f"good/{i:03d}.png" for i in range(5)] + ["good/000.png"]  # candidate 5 is query 0's image again
+    seed_everything(0)
+    draws = [draw_episode_supports(5, 3, paths, 6) for _ in range(30)]
+    for index in draws:
+        assert index.shape == (5, 3)
+        for query, supports in enumerate(index.tolist()):
+            assert len(set(supports)) == 3
+            assert query not in supports
+            assert paths[query] not in {paths[j] for j in supports}  # not even a copy of the query
+    assert len({tuple(map(tuple, index.tolist())) for index in draws}) > 1  # random across steps
+    seed_everything(0)
+    assert all(torch.equal(index, draw_episode_supports(5, 3, paths, 6)) for index in draws)  # reproducible
+
+
+def test_plain_batches_train_and_too_small_batches_fail_clearly() -> None:
     from anomalib.data import ImageBatch
 
     from anomalib_dskd.models.packd import SupportError
 
-    model = make_model()
-    with pytest.raises(SupportError, match="FewShotDataModule"):
-        model.training_step(ImageBatch(image=torch.rand(2, 3, SIZE, SIZE)))
+    def batch(n: int, first: int = 0) -> ImageBatch:
+        return ImageBatch(image=torch.rand(n, 3, SIZE, SIZE), image_path=[f"good/{first + i}.png" for i in range(n)])
+
+    model = make_model(k_shot=2, num_prototypes=4, attention_dim=16)
+    with pytest.raises(SupportError, match="raise train_batch_size to at least 3"):
+        model.training_step(batch(2))  # a query would have only 1 other image, k_shot = 2
+    model = make_model(k_shot=2, num_prototypes=4, attention_dim=16)
+    seen: list[torch.Tensor] = []
+    episodes = model.model.episodes
+    model.model.episodes = lambda images, index: seen.append(images) or episodes(images, index)
+    assert torch.isfinite(model.training_step(batch(3))["loss"])
+    assert seen[-1].shape[0] == 3  # one teacher pass over the batch: queries and supports
+    assert torch.isfinite(model.training_step(batch(2, first=3))["loss"])  # the short last batch of an epoch ...
+    assert seen[-1].shape[0] == 5  # ... also draws from the previous batch
+    with pytest.raises(ValueError, match="k_shot"):
+        make_model(k_shot=0)
+
+
+def test_test_time_support_draw_is_seeded(few_shot_root: Path) -> None:
+    from anomalib.data import MVTecAD
+
+    data = MVTecAD(root=few_shot_root, category="aa", train_batch_size=4, eval_batch_size=8, num_workers=0)
+    data.setup()
+    draw = make_model(k_shot=2).draw_support_paths(data.train_data)
+    assert draw == make_model(k_shot=2).draw_support_paths(data.train_data)  # same seed, same supports
+    assert draw != make_model(k_shot=2, support_seed=1).draw_support_paths(data.train_data)
+    assert len(set(draw)) == 2
+    assert all(Path(path).parent == few_shot_root / "aa" / "train" / "good" for path in draw)
+    from anomalib_dskd.models.packd import SupportError
+
+    with pytest.raises(SupportError, match="fewer than Packd's k_shot=7"):
+        make_model(k_shot=7).draw_support_paths(data.train_data)
+
+
+@pytest.mark.slow  # an Engine training
+def test_fit_and_test_on_a_plain_datamodule(
+    few_shot_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """anomalib's own MVTecAD datamodule: episodes from the batches, supports drawn from the training set."""
+    import logging
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from anomalib_dskd.models.packd import SupportError, lightning_model
+
+    recorded: list[tuple[int, list[str], torch.Tensor]] = []
+    draw = lightning_model.draw_episode_supports
+
+    def spy(queries: int, k_shot: int, paths: list[str] | None, candidates: int) -> torch.Tensor:
+        index = draw(queries, k_shot, paths, candidates)
+        recorded.append((queries, list(paths or []), index))
+        return index
+
+    monkeypatch.setattr(lightning_model, "draw_episode_supports", spy)
+    seed_everything(0)
+    model = make_model(k_shot=2, num_prototypes=4, attention_dim=16)
+    before = [p.detach().clone() for p in model.model.decoder.parameters()]
+    data = MVTecAD(root=few_shot_root, category="aa", train_batch_size=4, eval_batch_size=8, num_workers=0)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger=lightning_model.__name__):
+        engine.fit(model, datamodule=data)
+    assert not model._grouped_batches
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.model.decoder.parameters(), strict=True))
+    good = few_shot_root / "aa" / "train" / "good"
+    assert [queries for queries, _, _ in recorded] == [4, 2]  # 6 training images at batch 4
+    assert len(recorded[1][1]) == 6  # the short batch drew from its 2 images and the 4 of the previous batch
+    for queries, paths, index in recorded:
+        assert all(Path(path).parent == good for path in paths)  # the category's training images
+        for query, supports in enumerate(index.tolist()[:queries]):
+            assert paths[query] not in {paths[j] for j in supports}  # never the query itself
+    # validation / test: k supports drawn from the training set with support_seed, logged, kept in the checkpoint
+    drawn = model.draw_support_paths(data.train_data)
+    assert model.support_paths == drawn and model.model.has_support
+    assert "support_seed=0" in caplog.text and drawn[0] in caplog.text
+    checkpoint = torch.load(engine.best_model_path, map_location="cpu", weights_only=False)
+    assert bool(checkpoint["state_dict"]["model.support_ready"])
+    assert checkpoint["packd_few_shot"]["support_paths"] == drawn
+    assert 0.0 <= engine.test(model, datamodule=data)[0]["image_AUROC"] <= 1.0
+    assert model.support_paths == drawn
+    # an explicit support set wins over the datamodule's draw
+    model.set_support(few_shot_root / "dd" / "train" / "good")
+    engine.test(model, datamodule=data)
+    assert model.support_paths == [str(path) for path in sorted((few_shot_root / "dd" / "train" / "good").iterdir())]
+    # a train_batch_size below k_shot + 1 is refused before training
+    small = MVTecAD(root=few_shot_root, category="aa", train_batch_size=2, eval_batch_size=8, num_workers=0)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path / "small", logger=False, enable_progress_bar=False)
+    with pytest.raises(SupportError, match="train_batch_size must be at least 3, got 2"):
+        engine.fit(make_model(k_shot=2), datamodule=small)
 
 
 @pytest.mark.slow

@@ -65,7 +65,9 @@ def test_importing_package_internals_first_still_registers() -> None:
 
 
 @pytest.mark.slow
-def test_cli_train_test_export_predict_with_bare_and_dotted_names(tiny_loco, tmp_path: Path) -> None:  # noqa: ANN001
+def test_cli_train_test_export_predict_with_bare_and_dotted_names(
+    tiny_loco, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
     root, category = tiny_loco
     data = ["--data", "anomalib.data.MVTecLOCO", "--data.root", str(root), "--data.category", category,
             "--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
@@ -84,14 +86,34 @@ def test_cli_train_test_export_predict_with_bare_and_dotted_names(tiny_loco, tmp
     config.write_text(
         "model:\n  class_path: anomalib_dskd.Rd\n  init_args:\n    backbone: resnet18\n    pre_trained: false\n",
     )
-    _anomalib("export", "--config", str(config), "--export_type", "onnx", "--ckpt_path", ckpt,
+    # `anomalib export --export_type openvino` (its ONNX step included; anomalib's defaults: opset 14, dynamic
+    # input size), then anomalib's OpenVINOInferencer on an image file against the checkpoint's torch model
+    _anomalib("export", "--config", str(config), "--export_type", "openvino", "--ckpt_path", ckpt,
               "--export_root", str(tmp_path / "export"), cwd=tmp_path)
-    assert list((tmp_path / "export").rglob("*.onnx"))
-
+    xml = next((tmp_path / "export").rglob("model.xml"))
     image = next((root / category / "test" / "logical_anomalies").glob("*.png"))
+    monkeypatch.chdir(tmp_path)  # the inferencer writes its compile cache to ./openvino_cache
+    _assert_inferencer_matches_checkpoint(xml, ckpt, image)
+
     _anomalib("predict", "--model", "Rd", *model, "--data", str(image), "--ckpt_path", ckpt,
               "--default_root_dir", str(tmp_path / "predict"), cwd=tmp_path)
     assert list((tmp_path / "predict").rglob("*.png"))
+
+
+def _assert_inferencer_matches_checkpoint(xml: Path, ckpt: str, image: Path) -> None:
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import OpenVINOInferencer
+
+    from anomalib_dskd import Rd
+
+    from .export_utils import INFERENCER_CONFIG, assert_prediction_matches, torch_outputs
+
+    model = Rd.load_from_checkpoint(ckpt, map_location="cpu")
+    post = model.post_processor
+    thresholds = (float(post.normalized_image_threshold), float(post.normalized_pixel_threshold))
+    prediction = OpenVINOInferencer(xml, device="CPU", config=INFERENCER_CONFIG).predict(image)
+    expected = torch_outputs(model, read_image(image, as_tensor=True)[None])
+    assert_prediction_matches(prediction, expected, thresholds, where="anomalib export --export_type openvino")
 
 
 @pytest.mark.slow

@@ -32,7 +32,10 @@ __all__ = [
     "count_parameters",
     "cpu_seconds",
     "export_openvino",
+    "export_openvino_int8_ptq",
     "latency_stats",
+    "map_agreement",
+    "openvino_outputs",
     "openvino_latency",
     "openvino_size_mb",
     "peak_rss_mb",
@@ -154,13 +157,16 @@ def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int])
     return np.concatenate(images).astype(np.float32)
 
 
-def quantize_int8(xml_path: Path, images: np.ndarray, output_dir: Path) -> Path:
+def quantize_int8(
+    xml_path: Path, images: np.ndarray, output_dir: Path, ignored_types: tuple[str, ...] | None = None
+) -> Path:
     """NNCF post-training INT8 quantisation of an OpenVINO model.
 
     Args:
         xml_path: the f32 model.
         images: calibration images ``(N, 3, H, W)`` (one per calibration step, batch 1).
         output_dir: where ``model.xml`` / ``model.bin`` of the INT8 model are written.
+        ignored_types: OpenVINO op types NNCF must leave in f32 (``nncf.IgnoredScope(types=...)``).
 
     Returns:
         Path of the INT8 ``.xml``.
@@ -170,11 +176,84 @@ def quantize_int8(xml_path: Path, images: np.ndarray, output_dir: Path) -> Path:
 
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset([image[None] for image in images])
-    quantized = nncf.quantize(model, dataset, subset_size=len(images))
+    kwargs: dict[str, Any] = {}
+    if ignored_types:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(ignored_types), validate=False)
+    quantized = nncf.quantize(model, dataset, subset_size=len(images), **kwargs)
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / "model.xml"
     ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
+
+
+def export_openvino_int8_ptq(
+    model: Any,  # noqa: ANN401
+    datamodule: Any,  # noqa: ANN401
+    export_root: Path,
+    image_size: tuple[int, int],
+    opset_version: int = 18,
+) -> Path:
+    """anomalib's own INT8 path: ``to_openvino(compression_type=CompressionType.INT8_PTQ, datamodule=...)``.
+
+    What ``anomalib export --export_type openvino --compression_type INT8_PTQ`` runs: NNCF
+    post-training quantisation calibrated on the datamodule's *validation* images (anomalib's
+    choice; :func:`quantize_int8` calibrates on training images instead).
+    """
+    from anomalib.deploy import CompressionType
+
+    model = model.cpu().eval()
+    return Path(
+        model.to_openvino(
+            export_root,
+            input_size=tuple(image_size),
+            compression_type=CompressionType.INT8_PTQ,
+            datamodule=datamodule,
+            onnx_kwargs={"opset_version": int(opset_version)},
+        ),
+    )
+
+
+def openvino_outputs(xml_path: Path, images: np.ndarray, threads: int | None = 2) -> dict[str, np.ndarray]:
+    """Every output of an OpenVINO model for ``images`` ``(N, 3, H, W)``, one image per call, f32 precision.
+
+    Returns:
+        Output name (``pred_score``, ``anomaly_map``, ...) -> values stacked over the images.
+    """
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(str(xml_path), "CPU", config)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for image in images:
+        result = compiled(image[None].astype(np.float32))
+        for port in compiled.outputs:
+            outputs.setdefault(port.get_any_name(), []).append(np.asarray(result[port]))
+    return {name: np.concatenate(values) for name, values in outputs.items()}
+
+
+def map_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """How far ``other`` maps are from ``reference`` maps (e.g. INT8 vs f32), per image and overall.
+
+    Returns:
+        ``pearson`` (over all pixels of all images), ``pearson_min`` (the worst image's), and
+        ``max_abs_rel`` (the largest absolute difference over the reference's value range).
+    """
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    oth = np.asarray(other, dtype=np.float64).reshape(len(other), -1)
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+        return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+    span = float(ref.max() - ref.min()) or 1.0
+    return {
+        "pearson": pearson(ref.reshape(-1), oth.reshape(-1)),
+        "pearson_min": min(pearson(a, b) for a, b in zip(ref, oth, strict=True)),
+        "max_abs_rel": float(np.abs(ref - oth).max() / span),
+    }
 
 
 def openvino_latency(

@@ -128,6 +128,16 @@ def normal_rows(dataset: AnomalibDataset) -> list[int]:
     return sorted(rows, key=lambda row: str(samples.iloc[row].image_path))
 
 
+def draw_rows(rows: Sequence[int], k_shot: int, seed: Sequence[int]) -> list[int]:
+    """``k_shot`` of ``rows`` without replacement, sorted, drawn by ``numpy.random.default_rng(seed)``.
+
+    The support draw of :class:`FewShotDataModule` (``seed = (seed, draw)``) and of Packd on a plain
+    datamodule (``seed = (support_seed,)``); the caller checks that ``rows`` has ``k_shot`` entries.
+    """
+    rng = np.random.default_rng([int(value) for value in seed])
+    return sorted(rows[i] for i in rng.choice(len(rows), int(k_shot), replace=False))
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 class FewShotTrainDataset(Dataset):
     """Normal training images of several categories, indexed flat; items carry no masks.
@@ -376,8 +386,7 @@ class FewShotDataModule(AnomalibDataModule):
             )
             raise FewShotDataError(msg)
         draw = self.support_draw if draw is None else int(draw)
-        rng = np.random.default_rng([int(self.seed or 0), draw])
-        return sorted(rows[i] for i in rng.choice(len(rows), self.k_shot, replace=False))
+        return draw_rows(rows, self.k_shot, (int(self.seed or 0), draw))
 
     def support_paths(self, draw: int | None = None) -> list[str]:
         """Image paths of support draw ``draw``."""
@@ -457,7 +466,9 @@ __all__ = [
     "FewShotDataModule",
     "FewShotTrainDataset",
     "build_dataset",
+    "draw_rows",
     "evaluate_support_draws",
     "leave_target_out",
+    "normal_rows",
     "parse_specs",
 ]

@@ -96,6 +96,7 @@ class Teacher(nn.Module):
                 f"{kind} backbone. Use a CNN such as {', '.join(TESTED_BACKBONES)} and consecutive stage indices."
             )
             raise TeacherBackboneError(msg)
+        self.unused_blocks = _drop_blocks_after_last_feature(self.model)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
@@ -159,6 +160,14 @@ class Teacher(nn.Module):
             parameter.requires_grad_(True)
         return stage, int(extended.feature_info.channels()[1])
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # Checkpoints written before the unused blocks were dropped hold their (frozen, never used) weights.
+        dropped = tuple(f"{prefix}model.blocks.{index}." for index in self.unused_blocks)
+        if dropped:
+            for key in [key for key in state_dict if key.startswith(dropped)]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002
         """Keep the teacher in eval mode whatever ``mode`` is (BatchNorm statistics stay frozen)."""
         return super().train(False)
@@ -173,6 +182,31 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return the selected feature maps, shallow to deep."""
         return list(self.model(images))
+
+
+def _drop_blocks_after_last_feature(model: nn.Module) -> tuple[int, ...]:
+    """Remove the blocks after the deepest selected stage from a timm EfficientNet-family feature model.
+
+    timm's ``EfficientNetFeatures`` (MobileNetV2, EfficientNet, ...) runs every block whatever
+    ``out_indices`` asks for: with layers ``(1, 2, 3)`` a MobileNetV2 teacher computes ``blocks.5``
+    and ``blocks.6`` and throws them away. Its ``forward`` loops over ``self.blocks`` and collects
+    the outputs of the selected stages, so truncating the ``Sequential`` after the last selected
+    block gives the same features without that work. ``FeatureListNet`` (ResNet) already stops at
+    the last selected stage and is left as it is.
+
+    Returns:
+        The indices of the removed blocks (empty when nothing was removed).
+    """
+    blocks = getattr(model, "blocks", None)
+    stages = getattr(model, "_stage_out_idx", None)
+    if not isinstance(blocks, nn.Sequential) or not stages or getattr(model, "feature_hooks", None) is not None:
+        return ()
+    keep = max(int(stage) for stage in stages)  # forward appends a feature after block i when i + 1 is selected
+    if keep >= len(blocks):
+        return ()
+    removed = tuple(range(keep, len(blocks)))
+    model.blocks = blocks[:keep]
+    return removed
 
 
 def _modules_between(model: nn.Module, after: str, until: str) -> list[nn.Module]:

@@ -316,6 +316,65 @@ class ChunkedAffinityKL(torch.autograd.Function):
         return grad_student, None, None, None
 
 
+def pooled_affinity_kl(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    key_pool: int,
+    temperature: float = 1.0,
+    chunk_size: int | None = 512,
+) -> torch.Tensor:
+    """Eq. 6 with the keys pooled: every query position, ``N / key_pool^2`` keys. ``(B, h, w)``.
+
+    An inference-time approximation of :func:`affinity_kl` (a deviation from the paper, off by
+    default; see ``docs/models/dskd.md`` for its measured error and effect). The keys ``j`` are
+    the means of the unit teacher vectors over ``key_pool x key_pool`` cells (not re-normalised),
+    so a query's logit to a cell is the *mean* of its exact logits to the cell's positions, and
+    ``log sum_{j in cell} exp(a_ij)`` is replaced by ``log(key_pool^2) + mean_j a_ij``. The
+    constant cancels in the softmax. The error of each cell's term is
+    ``log mean_j exp(a_ij - mean a) in [0, (max_j a_ij - min_j a_ij) / T]``, about half the
+    variance of the cell's logits: small where neighbouring teacher vectors agree. Both the
+    teacher's and the student's distributions are approximated the same way (the student's
+    logits use the same pooled teacher keys, Eq. 5), so much of it cancels in the KL. Queries
+    stay at full resolution: the map keeps its size and outline. Cost: ``N^2 / key_pool^2``
+    exponentials for each of teacher and student (exact: ``N^2 / 2`` + ``N^2``).
+
+    Args:
+        teacher: teacher features ``(B, C, h, w)``; ``h`` and ``w`` multiples of ``key_pool``.
+        student: student features, same shape.
+        key_pool: side of the pooled cells (``1`` = exact, :func:`affinity_kl`).
+        temperature: softmax temperature ``T``.
+        chunk_size: query positions per chunk (memory ``O(B * chunk * N / key_pool^2)``).
+    """
+    if key_pool == 1:
+        return affinity_kl(teacher, student, temperature, chunk_size)
+    if key_pool < 1:
+        msg = f"key_pool must be a positive integer, got {key_pool}."
+        raise ValueError(msg)
+    if teacher.shape != student.shape:
+        msg = f"teacher and student features must have the same shape, got {tuple(teacher.shape)} and {tuple(student.shape)}."
+        raise ValueError(msg)
+    batch, channels, height, width = teacher.shape
+    if height % key_pool or width % key_pool:
+        msg = (
+            f"key_pool={key_pool} must divide the feature grid {height}x{width}; choose a divisor or 1 (exact)."
+        )
+        raise ValueError(msg)
+    num = height * width
+    chunk = num if not chunk_size or chunk_size <= 0 else min(int(chunk_size), num)
+    if torch.compiler.is_compiling():
+        chunk = max(chunk, -(-num // 4))  # a small exported graph (see affinity_kl)
+    t = flatten_normalise(teacher)
+    s = flatten_normalise(student)
+    unit_map = t.transpose(1, 2).reshape(batch, channels, height, width)
+    keys = F.avg_pool2d(unit_map, key_pool).flatten(2).contiguous()  # (B, C, M): mean unit vectors
+    ext = torch.cat([keys.transpose(1, 2), keys.new_ones(batch, keys.shape[-1], 1)], dim=-1)  # (B, M, C + 1)
+    pieces = [
+        _affinity_block(t[:, i : i + chunk], s[:, i : i + chunk], keys, ext, temperature, need_grad=False)[0]
+        for i in range(0, num, chunk)
+    ]
+    return torch.cat(pieces, dim=1).reshape(batch, height, width)
+
+
 def affinity_kl(
     teacher: torch.Tensor,
     student: torch.Tensor,
@@ -378,11 +437,16 @@ def affinity_kl_maps(
     student_features: Sequence[torch.Tensor],
     temperature: float = 1.0,
     chunk_size: int | None = 512,
+    key_pools: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Per-scale affinity KL maps, each ``(B, 1, h_l, w_l)`` (the global student's ``M_glo^l``)."""
+    """Per-scale affinity KL maps, each ``(B, 1, h_l, w_l)`` (the global student's ``M_glo^l``).
+
+    ``key_pools``: per scale, the key pooling of :func:`pooled_affinity_kl` (``None`` = exact everywhere).
+    """
+    pools = list(key_pools) if key_pools is not None else [1] * len(teacher_features)
     return [
-        affinity_kl(teacher, student, temperature, chunk_size).unsqueeze(1)
-        for teacher, student in zip(teacher_features, student_features, strict=True)
+        pooled_affinity_kl(teacher, student, pool, temperature, chunk_size).unsqueeze(1)
+        for teacher, student, pool in zip(teacher_features, student_features, pools, strict=True)
     ]
 
 
@@ -392,12 +456,13 @@ def student_score_maps(
     student_features: Sequence[torch.Tensor],
     temperature: float = 1.0,
     chunk_size: int | None = 512,
+    key_pools: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Per-scale maps of one student: cosine distance (``"pixel"``, Eq. 1) or affinity KL (``"affinity"``, Eq. 6)."""
     if kind == PIXEL:
         return cosine_distance_maps(teacher_features, student_features)
     if kind == AFFINITY:
-        return affinity_kl_maps(teacher_features, student_features, temperature, chunk_size)
+        return affinity_kl_maps(teacher_features, student_features, temperature, chunk_size, key_pools)
     msg = f"map kind must be one of {MAP_KINDS}, got {kind!r}."
     raise ValueError(msg)
 
@@ -445,6 +510,8 @@ def upsampled_student_map(
     image_size: tuple[int, int],
     temperature: float = 1.0,
     chunk_size: int | None = 512,
+    key_pools: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """One student's ``M = sum_l upsample(M^l)`` at the input size, ``(B, 1, H, W)`` (before standardisation)."""
-    return upsample_and_sum(student_score_maps(kind, teacher_features, student_features, temperature, chunk_size), image_size)
+    maps = student_score_maps(kind, teacher_features, student_features, temperature, chunk_size, key_pools)
+    return upsample_and_sum(maps, image_size)

@@ -77,6 +77,11 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             shallowest scale's ``N^2`` affinity map at inference (faster, see ``docs/models/dskd.md``
             for the measured cost and accuracy); training always uses every scale. The Eq. 8
             statistics belong to one choice: after changing it on a trained model, recompute them.
+        global_map_key_pool: ``1`` (default, paper: exact Eq. 6) or ``k``: the global student's
+            shallowest-scale map uses keys pooled over ``k x k`` cells (queries at full resolution;
+            ``k^2`` times fewer exponentials; inference only, the loss stays exact). An approximation,
+            with its error bound and measured accuracy and latency in ``docs/models/dskd.md``. Like
+            ``global_map_scales``, the Eq. 8 statistics belong to one choice.
         global_embedding: the global student's OCBE_glo: ``"teacher_stage"`` (default, paper Fig. 3:
             the teacher's next stage, e.g. ResNet ``layer4``, trainable, on the deepest teacher
             feature alone) or ``"fused"`` (a copy of the local student's multi-scale fused OCBE).
@@ -115,6 +120,7 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         affinity_chunk_size: int | None = 512,
         students: str = "both",
         global_map_scales: Sequence[int] | None = None,
+        global_map_key_pool: int = 1,
         global_embedding: str = "teacher_stage",
         global_embedding_init: str = "teacher",
         statistics_source: str = "validation",
@@ -152,6 +158,7 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             sigma=sigma,
             students=students,
             global_map_scales=global_map_scales,
+            global_map_key_pool=global_map_key_pool,
             global_embedding=global_embedding,
             global_embedding_init=global_embedding_init,
         )

@@ -57,6 +57,10 @@ class DskdModel(nn.Module):
             (the loss always covers every scale). ``(1, 2)`` drops the ``N^2`` affinity map at the
             shallowest scale (4096 x 4096 at 256 px), the largest single cost of Dskd's inference
             (accuracy and speed measured in ``docs/models/dskd.md``).
+        global_map_key_pool: ``1`` (default, paper) scores the shallowest global scale with the
+            exact Eq. 6; ``k > 1`` pools its keys over ``k x k`` cells (:func:`pooled_affinity_kl`:
+            every position still queried, ``k^2`` times fewer exponentials; an approximation with
+            the error bound and measured effect in ``docs/models/dskd.md``). Inference only.
 
     Buffers (saved in checkpoints, constant-folded into exported graphs): ``map_mean`` and
     ``map_std`` (float64, Eq. 8's mu and sigma, one entry per active student in the order of
@@ -86,6 +90,7 @@ class DskdModel(nn.Module):
         global_map_scales: Sequence[int] | None = None,
         global_embedding: str = "teacher_stage",
         global_embedding_init: str = "teacher",
+        global_map_key_pool: int = 1,
     ) -> None:
         super().__init__()
         if global_embedding not in GLOBAL_EMBEDDINGS:
@@ -115,6 +120,7 @@ class DskdModel(nn.Module):
         self.core = ReverseDistillationCore(backbone, layers, pre_trained, input_size)
         architecture = self.core.architecture
         self.global_map_scales = resolve_map_scales(global_map_scales, len(architecture.channels))
+        self.global_map_key_pool = resolve_key_pool(global_map_key_pool, self.core.teacher.reductions[0], self.core.input_size)
         self.input_size: tuple[int, int] = self.core.input_size
         embedding_channels, height, width = architecture.embedding_shape(self.input_size)
         # Global student: its own OCBE, the GCCB, a decoder identical in structure to the local one.
@@ -152,10 +158,19 @@ class DskdModel(nn.Module):
         self.global_embedding = kind
         self.global_bottleneck = self._build_global_embedding().to(device=old.device, dtype=old.dtype)
 
+    def _key_pools(self) -> list[int]:
+        """Key pooling per scored global scale: ``global_map_key_pool`` at the shallowest scale, else exact."""
+        return [self.global_map_key_pool if index == 0 else 1 for index in self.global_map_scales]
+
     def _scale_mask(self) -> torch.Tensor:
+        # per teacher scale: 0 = not scored, else the key pooling it is scored with (1 = exact Eq. 6)
         mask = torch.zeros(len(self.core.architecture.channels), dtype=torch.uint8)  # uint8: gloo broadcasts it
-        mask[list(self.global_map_scales)] = 1
+        mask[list(self.global_map_scales)] = torch.tensor(self._key_pools(), dtype=torch.uint8)
         return mask
+
+    def set_global_map_key_pool(self, key_pool: int) -> None:
+        """Score the shallowest global scale with ``key_pool`` (statistics must then be recomputed)."""
+        self.global_map_key_pool = resolve_key_pool(key_pool, self.core.teacher.reductions[0], self.input_size)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         # Checkpoints written before ``global_map_scales`` existed always scored every scale.
@@ -171,10 +186,12 @@ class DskdModel(nn.Module):
         current = self._scale_mask().to(self.statistics_scales.device)
         if not torch.equal(current, self.statistics_scales):
             used = self.statistics_scales.nonzero().flatten().tolist()
+            pool = int(self.statistics_scales[0]) if int(self.statistics_scales[0]) else 1
             msg = (
-                f"Dskd's map statistics (Eq. 8) were computed with global_map_scales={tuple(used)}, but the model "
-                f"now scores scales {self.global_map_scales}. Recompute them for these scales: Engine.validate(model, "
-                "datamodule) or Dskd.compute_statistics(normal_images_loader)."
+                f"Dskd's map statistics (Eq. 8) were computed with global_map_scales={tuple(used)} and "
+                f"global_map_key_pool={pool}, but the model now scores scales {self.global_map_scales} with "
+                f"global_map_key_pool={self.global_map_key_pool}. Recompute them for these settings: "
+                "Engine.validate(model, datamodule) or Dskd.compute_statistics(normal_images_loader)."
             )
             raise RuntimeError(msg)
 
@@ -214,6 +231,7 @@ class DskdModel(nn.Module):
         if size == self.input_size:
             return
         self.core.architecture.check_input_size(size, "Dskd")
+        resolve_key_pool(self.global_map_key_pool, self.core.teacher.reductions[0], size)
         self.core.input_size = size
         self.input_size = size
         if "global" in self.students:
@@ -256,13 +274,21 @@ class DskdModel(nn.Module):
         for name in self.students:
             features = students[name]
             assert features is not None  # noqa: S101 - an active student always has features
-            teacher_scales = teacher
-            if name == "global" and len(self.global_map_scales) < len(teacher):
-                teacher_scales = [teacher[i] for i in self.global_map_scales]
-                features = [features[i] for i in self.global_map_scales]
+            teacher_scales, pools = teacher, None
+            if name == "global":
+                pools = self._key_pools()
+                if len(self.global_map_scales) < len(teacher):
+                    teacher_scales = [teacher[i] for i in self.global_map_scales]
+                    features = [features[i] for i in self.global_map_scales]
             maps.append(
                 upsampled_student_map(
-                    self.map_kinds[name], teacher_scales, features, self.input_size, self.temperature, self.chunk_size
+                    self.map_kinds[name],
+                    teacher_scales,
+                    features,
+                    self.input_size,
+                    self.temperature,
+                    self.chunk_size,
+                    pools,
                 )
             )
         return maps
@@ -286,6 +312,21 @@ class DskdModel(nn.Module):
         if self.training:
             return self.features(images)
         return self.predict_with_student_maps(images)[0]
+
+
+def resolve_key_pool(key_pool: int, stride: int, input_size: Sequence[int]) -> int:
+    """Validated ``global_map_key_pool``: a positive integer that divides the shallowest feature grid."""
+    if isinstance(key_pool, bool) or not isinstance(key_pool, int) or key_pool < 1:
+        msg = f"global_map_key_pool must be a positive integer (1 = exact Eq. 6), got {key_pool!r}."
+        raise ValueError(msg)
+    grid = [int(side) // stride for side in input_size]
+    if any(side % key_pool for side in grid):
+        msg = (
+            f"global_map_key_pool={key_pool} must divide the shallowest feature grid {grid[0]}x{grid[1]} "
+            f"(input {tuple(input_size)}, stride {stride}); use a divisor of it, or 1 (exact)."
+        )
+        raise ValueError(msg)
+    return key_pool
 
 
 def resolve_map_scales(scales: Sequence[int] | None, count: int) -> tuple[int, ...]:

@@ -53,7 +53,9 @@ class PackdModel(nn.Module):
         attention_dim: dimension of the prototypes and of the PEIM attention.
 
     Train mode: ``forward(queries (G, 3, H, W), supports (G, k, 3, H, W))`` returns a dict with the
-    queries' teacher and student features, the prototypes and the supports' teacher features.
+    queries' teacher and student features, the prototypes and the supports' teacher features;
+    :meth:`episodes` does the same when the supports are among the images (one teacher pass; the
+    episodes Packd forms from a plain one-category batch).
     Eval mode: ``forward(images)`` uses the cached prototypes of :meth:`set_support` and returns an
     :class:`~anomalib.data.InferenceBatch` (``anomaly_map`` ``(B, 1, H, W)``, ``pred_score`` = max).
     """
@@ -173,6 +175,32 @@ class PackdModel(nn.Module):
         return [level[0] for level in prototypes]
 
     # ------------------------------------------------------------------ forward
+    def episodes(self, images: torch.Tensor, support_index: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Training features of ``G`` episodes whose images share one teacher pass.
+
+        Args:
+            images: ``(N, 3, H, W)`` pre-processed images; the first ``G`` are the queries.
+            support_index: ``(G, k)`` indices into ``images`` of each query's supports (a support may
+                be another episode's query: the teacher is frozen, so its features serve both roles).
+
+        Returns:
+            The queries' teacher (``"teacher"``) and prototype-conditioned student (``"student"``)
+            features of levels 1-3, the per-level ``(G, M, d)`` prototypes (``"prototypes"``) and the
+            supports' ``(G, k, C, h, w)`` teacher features of levels 1-3 (``"support"``).
+        """
+        groups = support_index.shape[0]
+        features = self.teacher(images)
+        query_features = [feature[:groups] for feature in features]
+        support_features = [feature[support_index] for feature in features]
+        prototypes = self.peim.extract(self._support_level_features(support_features))
+        student_features = self.student(query_features, prototypes)
+        return {
+            "teacher": query_features[:3],
+            "student": student_features,
+            "prototypes": prototypes,
+            "support": support_features[:3],
+        }
+
     def forward(
         self,
         images: torch.Tensor,
@@ -184,17 +212,8 @@ class PackdModel(nn.Module):
                 msg = "Packd trains on (query, k supports) groups: pass supports of shape (G, k, 3, H, W)."
                 raise SupportError(msg)
             groups, shots = supports.shape[:2]
-            features = self.teacher(torch.cat([images, supports.flatten(0, 1)]))
-            query_features = [feature[:groups] for feature in features]
-            support_features = [feature[groups:].reshape(groups, shots, *feature.shape[1:]) for feature in features]
-            prototypes = self.peim.extract(self._support_level_features(support_features))
-            student_features = self.student(query_features, prototypes)
-            return {
-                "teacher": query_features[:3],
-                "student": student_features,
-                "prototypes": prototypes,
-                "support": support_features[:3],
-            }
+            index = torch.arange(groups, groups * (1 + shots), device=images.device).reshape(groups, shots)
+            return self.episodes(torch.cat([images, supports.flatten(0, 1)]), index)
         batch = images.shape[0]
         if supports is not None:
             prototypes = [level.expand(batch, -1, -1) for level in self.extract_prototypes(supports[None])]
@@ -202,7 +221,8 @@ class PackdModel(nn.Module):
             if not self._support_ready:
                 msg = (
                     "Packd has no support set: call model.set_support(<folder | list of images | tensor>) with k "
-                    "normal images of the category, or test with anomalib_dskd.data.few_shot.FewShotDataModule."
+                    "normal images of the category, or validate / test / predict with a datamodule that has training "
+                    "images (any anomalib datamodule draws k of them; or anomalib_dskd.data.few_shot.FewShotDataModule)."
                 )
                 raise SupportError(msg)
             prototypes = [level.unsqueeze(0).expand(batch, -1, -1) for level in self.cached_prototypes]

@@ -1,0 +1,138 @@
+"""OpenVINO latency of Rd and Dskd's scoring variants side by side: f32 and INT8, batch 1, interleaved rounds.
+
+Every variant is exported once (random weights: the cost of these dense graphs does not depend on them;
+Dskd's Eq. 8 statistics set to fixed values), quantised with NNCF (calibrated on random images: for
+latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job), and compiled with
+``INFERENCE_PRECISION_HINT=f32`` and ``--threads`` threads. Then ``--rounds`` rounds each time
+``--calls`` calls of every variant in turn, so that whatever else runs on the machine weighs on all of
+them alike; the figure per variant is the median over rounds of the round's median, and the ratio to Rd
+is taken round by round (median of the per-round ratios).
+
+    CI=true python benchmarks/edge_latency.py --output docs/benchmarks/edge/latency.json
+
+Variants: ``rd``; ``dskd`` (paper scoring, exact Eq. 6 at every scale); ``dskd_pool2`` /
+``dskd_pool4`` (``global_map_key_pool``: keys of the 64x64 map pooled over 2x2 / 4x4 cells);
+``dskd_scales12`` (``global_map_scales=[1, 2]``: no 64x64 global map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("CI", "true")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+warnings.filterwarnings("ignore")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "rd": {},
+    "dskd": {},
+    "dskd_pool2": {"global_map_key_pool": 2},
+    "dskd_pool4": {"global_map_key_pool": 4},
+    "dskd_scales12": {"global_map_scales": [1, 2]},
+}
+
+
+def build(name: str, args: argparse.Namespace) -> Any:  # noqa: ANN401
+    from anomalib_dskd.models.dskd import Dskd
+    from anomalib_dskd.models.rd import Rd
+
+    if name == "rd":
+        return Rd(backbone=args.backbone, pre_trained=False, visualizer=False, evaluator=False).eval()
+    model = Dskd(
+        backbone=args.backbone, pre_trained=False, gccb_channels=args.gccb_channels, visualizer=False, evaluator=False,
+        **VARIANTS[name],
+    ).eval()
+    model.model.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--gccb-channels", type=int, default=256)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    import openvino as ov
+
+    from anomalib_dskd.benchmark.measure import export_openvino, openvino_size_mb, quantize_int8
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    size = (args.size, args.size)
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads}
+    image = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+    calibration = np.random.default_rng(1).random((16, 3, *size), dtype=np.float32)
+    requests: dict[str, Any] = {}
+    sizes: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            model = build(name, args)
+            f32 = export_openvino(model, Path(tmp) / name / "f32", size)
+            int8 = quantize_int8(f32, calibration, Path(tmp) / name / "int8")
+            for runtime, xml in (("f32", f32), ("int8", int8)):
+                compiled = ov.Core().compile_model(str(xml), "CPU", config)
+                requests[f"{name}/{runtime}"] = compiled.create_infer_request()
+                sizes[f"{name}/{runtime}"] = openvino_size_mb(xml)
+            print(f"exported {name}", flush=True)
+        for request in requests.values():  # warm-up
+            for _ in range(3):
+                request.infer({0: image})
+        rounds: dict[str, list[float]] = {key: [] for key in requests}
+        for index in range(args.rounds):
+            for key, request in requests.items():
+                times = []
+                for _ in range(args.calls):
+                    start = time.perf_counter()
+                    request.infer({0: image})
+                    times.append((time.perf_counter() - start) * 1000)
+                rounds[key].append(statistics.median(times))
+            print(f"round {index + 1}/{args.rounds} load {os.getloadavg()[0]:.2f}", flush=True)
+    result: dict[str, Any] = {
+        "command": "python benchmarks/edge_latency.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"
+        ),
+        "threads": args.threads, "size": list(size), "load_average_end": list(os.getloadavg()),
+        "variants": {},
+    }
+    for key, values in rounds.items():
+        name, runtime = key.split("/")
+        reference = rounds.get(f"rd/{runtime}")
+        ratio = statistics.median(v / r for v, r in zip(values, reference, strict=True)) if reference else None
+        f32 = rounds[f"{name}/f32"]
+        result["variants"][key] = {
+            "median_ms": statistics.median(values), "round_medians_ms": values, "ratio_to_rd": ratio,
+            "int8_speedup": statistics.median(a / b for a, b in zip(f32, values, strict=True)) if runtime == "int8" else None,
+            "size_mib": sizes[key],
+        }
+    print(f"{'variant':<22}{'median ms':>10}{'x Rd':>8}{'f32/int8':>10}{'MiB':>8}")
+    for key, row in result["variants"].items():
+        speedup = f"{row['int8_speedup']:.2f}" if row["int8_speedup"] else ""
+        ratio = f"{row['ratio_to_rd']:.2f}" if row["ratio_to_rd"] else ""
+        print(f"{key:<22}{row['median_ms']:>10.1f}{ratio:>8}{speedup:>10}{row['size_mib']:>8.1f}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
