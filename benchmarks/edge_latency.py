@@ -44,12 +44,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def build(name: str, args: argparse.Namespace) -> Any:  # noqa: ANN401
+    from anomalib.post_processing import PostProcessor
+
     from anomalib_dskd.models.dskd import Dskd
     from anomalib_dskd.models.rd import Rd
 
+    # raw outputs: an untrained model has no normalisation statistics, and NaN constants in the exported
+    # post-processor make OpenVINO refuse the INT8 graph (Clamp with NaN bounds)
+    post = PostProcessor(enable_normalization=False)
     if name == "rd":
-        return Rd(backbone=args.backbone, pre_trained=False, visualizer=False, evaluator=False).eval()
+        return Rd(backbone=args.backbone, pre_trained=False, post_processor=post, visualizer=False, evaluator=False).eval()
     model = Dskd(
+        post_processor=post,
         backbone=args.backbone, pre_trained=False, gccb_channels=args.gccb_channels, visualizer=False, evaluator=False,
         **VARIANTS[name],
     ).eval()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 
-def _load_cell(cell_json: Path) -> tuple[Any, Any, Any]:
+def _load_cell(cell_json: Path, normalised: bool = False) -> tuple[Any, Any, Any]:
     """``(spec, module, datamodule)`` of a finished cell with a kept checkpoint."""
     import torch
 
@@ -53,7 +53,7 @@ def _load_cell(cell_json: Path) -> tuple[Any, Any, Any]:
         raise RuntimeError(msg)
     # raw maps and scores, as the cells evaluate them: anomalib's normalisation clamps into ties, and an INT8
     # offset pushes whole maps past the clamp (measured: every INT8 output 1.0, image AUROC 0.5, when left on)
-    module.post_processor.enable_normalization = False
+    module.post_processor.enable_normalization = normalised
     datamodule = build_datamodule(spec.dataset, spec.data, spec.seed)
     datamodule.setup("test")
     return spec, module.eval(), datamodule
@@ -94,7 +94,9 @@ def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndar
     }
 
 
-def measure_cell(cell_json: Path, threads: int, runs: int, calibration: int) -> list[dict[str, Any]]:
+def measure_cell(
+    cell_json: Path, threads: int, runs: int, calibration: int, normalised: bool = False
+) -> list[dict[str, Any]]:
     """The three runtimes of one cell (see the module docstring)."""
     import torch
     from torchvision.transforms.v2 import Resize
@@ -111,7 +113,7 @@ def measure_cell(cell_json: Path, threads: int, runs: int, calibration: int) -> 
     )
 
     torch.set_num_threads(threads)
-    spec, module, datamodule = _load_cell(cell_json)
+    spec, module, datamodule = _load_cell(cell_json, normalised)
     size = tuple(spec.image_size)
     images, labels, masks = _test_set(datamodule, size)
     rows = []
@@ -138,7 +140,7 @@ def measure_cell(cell_json: Path, threads: int, runs: int, calibration: int) -> 
                 reference = outputs
             row = {
                 "cell": cell_json.stem, "model": spec.model.label, "dataset": spec.dataset.name, "seed": spec.seed,
-                "image_size": list(size), "runtime": runtime, "test_images": len(labels),
+                "image_size": list(size), "runtime": runtime, "test_images": len(labels), "normalised": normalised,
                 **_accuracy(outputs, labels, masks),
                 **{f"map_{k}_vs_f32": v for k, v in map_agreement(reference["anomaly_map"], outputs["anomaly_map"]).items()},
                 "latency_ms": openvino_latency(xml, size, warmup=5, runs=runs, threads=threads),
@@ -160,6 +162,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="timed latency runs per runtime")
     parser.add_argument("--calibration", type=int, default=32, help="training images for int8_ours")
     parser.add_argument("--output", type=Path, default=None, help="append JSON lines here")
+    parser.add_argument(
+        "--normalised", action="store_true",
+        help="export with anomalib's normalisation in the graph (the default post-processor) instead of raw outputs",
+    )
     args = parser.parse_args()
     os.environ.setdefault("CI", "true")
     cells = sorted(
@@ -183,7 +189,7 @@ def main() -> None:
     for index, path in enumerate(selected, 1):
         print(f"[{index}/{len(selected)}] {path.stem}", file=sys.stderr, flush=True)
         try:
-            rows = measure_cell(path, args.threads, args.runs, args.calibration)
+            rows = measure_cell(path, args.threads, args.runs, args.calibration, args.normalised)
         except Exception as err:  # noqa: BLE001 - one failing cell is reported, the others still run
             rows = [{"cell": path.stem, "error": f"{type(err).__name__}: {err}"}]
             print(json.dumps(rows[0]), flush=True)
