@@ -1,4 +1,4 @@
-"""Dskd's ``global_map_key_pool`` on trained models: accuracy and map error against exact Eq. 6 scoring.
+"""Dskd's ``global_map_key_pool`` on trained models (not yet run: no committed output): accuracy and map error against exact Eq. 6 scoring.
 
 Re-scores the Dskd models a benchmark run kept (``evaluation.keep_checkpoint: true``, the standard profile)
 with the shallowest global scale's keys pooled over ``k x k`` cells, for each ``--pool`` value: the Eq. 8
@@ -38,6 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("CI", "true")
     torch.set_num_threads(args.threads)
+    from anomalib_dskd.benchmark.detection import auroc
     from anomalib_dskd.benchmark.measure import map_agreement
 
     cells = sorted(p for run in args.run for p in (run / "cells").glob("Dskd__*.json") if not p.name.endswith(".spec.json"))
@@ -56,7 +57,7 @@ def main() -> None:
             module.model.set_global_map_key_pool(pool)
             module.compute_statistics(loader)
             with torch.no_grad():
-                batch = torch.from_numpy(module.pre_processor.transform(torch.from_numpy(images)).numpy())
+                batch = module.pre_processor.transform(torch.from_numpy(images))
                 outputs, maps = {"pred_score": [], "anomaly_map": []}, []
                 for start in range(0, len(batch), 8):
                     chunk = batch[start : start + 8]
@@ -70,8 +71,6 @@ def main() -> None:
                 exact_global = global_map
             subsets = {}
             paths = [str(p) for p in datamodule.test_data.samples.image_path]
-            from anomalib_dskd.benchmark.detection import auroc
-
             for subset in ("logical", "structural"):
                 keep = np.array([("good" in p) or (subset in p) for p in paths])
                 if keep.any() and (labels[keep]).any() and (~labels[keep]).any() and any(subset in p for p in paths):
