@@ -22,7 +22,6 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dskd.models.dskd import Dskd
-from tests.conftest import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +48,9 @@ def datamodule(root: Path, **kwargs: object) -> MVTecLOCO:
 @pytest.fixture(autouse=True)
 def _one_thread():  # noqa: ANN202
     """One intra-op thread: much faster than two spinning threads on a shared 2-core machine."""
+    # imported here: the DDP test's worker script imports this module with only tests/ on its path
+    from tests.conftest import one_torch_thread
+
     with one_torch_thread():
         yield
 
