@@ -1,8 +1,10 @@
 """OpenVINO latency of Rd and Dskd's scoring variants side by side: f32 and INT8, batch 1, interleaved rounds.
 
 Every variant is exported once (random weights: the cost of these dense graphs does not depend on them;
-Dskd's Eq. 8 statistics set to fixed values), quantised with NNCF (calibrated on random images: for
-latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job), and compiled with
+Dskd's Eq. 8 statistics set to fixed values), quantised with NNCF twice (calibrated on random images: for
+latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job): ``int8``, every op NNCF quantises, and
+``int8_conv``, the elementwise, reduction and MatMul ops kept in f32 (``measure.F32_ELEMENTWISE_OPS``, the
+variant that keeps a trained Dskd's accuracy), and compiled with
 ``INFERENCE_PRECISION_HINT=f32`` and ``--threads`` threads. Then ``--rounds`` rounds each time
 ``--calls`` calls of every variant in turn, so that whatever else runs on the machine weighs on all of
 them alike; the figure per variant is the median over rounds of the round's median, and the ratio to Rd
@@ -76,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     import openvino as ov
 
-    from anomalib_dskd.benchmark.measure import export_openvino, openvino_size_mb, quantize_int8
+    from anomalib_dskd.benchmark.measure import F32_ELEMENTWISE_OPS, export_openvino, openvino_size_mb, quantize_int8
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -95,7 +97,8 @@ def main() -> None:
             model = build(name, args)
             f32 = export_openvino(model, Path(tmp) / name / "f32", size)
             int8 = quantize_int8(f32, calibration, Path(tmp) / name / "int8")
-            for runtime, xml in (("f32", f32), ("int8", int8)):
+            int8_conv = quantize_int8(f32, calibration, Path(tmp) / name / "int8_conv", ignored_types=F32_ELEMENTWISE_OPS)
+            for runtime, xml in (("f32", f32), ("int8", int8), ("int8_conv", int8_conv)):
                 compiled = ov.Core().compile_model(str(xml), "CPU", config)
                 requests[f"{name}/{runtime}"] = compiled.create_infer_request()
                 sizes[f"{name}/{runtime}"] = openvino_size_mb(xml)
@@ -127,7 +130,7 @@ def main() -> None:
         f32 = rounds[f"{name}/f32"]
         result["variants"][key] = {
             "median_ms": statistics.median(values), "round_medians_ms": values, "ratio_to_rd": ratio,
-            "int8_speedup": statistics.median(a / b for a, b in zip(f32, values, strict=True)) if runtime == "int8" else None,
+            "int8_speedup": statistics.median(a / b for a, b in zip(f32, values, strict=True)) if runtime != "f32" else None,
             "size_mib": sizes[key],
         }
     print(f"{'variant':<22}{'median ms':>10}{'x Rd':>8}{'f32/int8':>10}{'MiB':>8}")

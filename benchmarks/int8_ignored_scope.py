@@ -14,13 +14,15 @@ import sys
 import tempfile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_accuracy as ia
-from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, openvino_outputs, quantize_int8, map_agreement, openvino_latency
+from anomalib_dskd.benchmark.measure import (
+    F32_ELEMENTWISE_OPS, calibration_images, export_openvino, map_agreement, openvino_latency, openvino_outputs, quantize_int8,
+)
 import torch
 torch.set_num_threads(2)
 VARIANTS = [
     ("default", None),
     ("matmul_exp_f32", ("MatMul", "Exp")),
-    ("eltwise_f32", ("Multiply", "Add", "Subtract", "Divide", "MatMul", "ReduceSum", "ReduceMean", "Power", "Sqrt", "Exp")),
+    ("eltwise_f32", F32_ELEMENTWISE_OPS),
 ]
 cell = Path(sys.stdin.readline().strip())
 spec, module, dm = ia._load_cell(cell)

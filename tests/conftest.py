@@ -20,6 +20,17 @@ os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n auto``: one worker per core), one torch thread per worker and per subprocess:
+    two workers with two spinning threads each on a 2-core machine are slower than one thread each."""
+    del config
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread inside the block (faster than two spinning threads on a shared 2-core machine)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
@@ -20,6 +22,8 @@ from anomalib_dskd.models.dskd import (
 )
 from anomalib_dskd.models.dskd.anomaly_map import DskdScoreFusion, affinity_kl, affinity_kl_direct, pooled_affinity_kl
 from anomalib_dskd.models.dskd.statistics import StreamingMoments
+from anomalib_dskd.models.rd import Rd
+from anomalib_dskd.models.rd.loss import RdLoss
 
 SMALL = {"backbone": "mobilenetv2_100", "pre_trained": False, "input_size": (64, 64), "gccb_channels": 16}
 
@@ -208,6 +212,23 @@ def test_loss_and_map_kind_per_student(local: str, glob: str) -> None:
     total, parts = module.loss(teacher, s_loc, s_glo)
     assert set(parts) == {"local", "global"}
     assert total.item() == pytest.approx((parts["local"] + parts["global"]).item())
+
+
+def test_flatten_local_loss_is_rds_loss_scored_with_the_cosine_map() -> None:
+    """``local_loss="flatten"`` trains the local student exactly as Rd trains its student (RD's whole-map
+    cosine) and scores it with the same cosine-distance map; a loss that is not a kind is refused."""
+    module = Dskd(backbone="mobilenetv2_100", pre_trained=False, gccb_channels=8, local_loss="flatten",
+                  pre_processor=PreProcessor(transform=Resize((64, 64))), visualizer=False)
+    assert module.model.map_kinds == {"local": "pixel", "global": "affinity"}
+    teacher, s_loc, s_glo = module.model.train()(torch.randn(2, 3, 64, 64))
+    _, parts = module.loss(teacher, s_loc, s_glo)
+    assert inspect.signature(Rd).parameters["loss_mode"].default == "flatten"
+    rd_loss = RdLoss("flatten")  # what Rd trains with by default
+    assert parts["local"].item() == pytest.approx(rd_loss(teacher, s_loc).item(), rel=1e-6)
+    assert parts["local"].item() != pytest.approx(PerPixelCosineLoss()(teacher, s_loc).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        Dskd(backbone="mobilenetv2_100", pre_trained=False, local_loss="cosine",
+             pre_processor=PreProcessor(transform=Resize((64, 64))), visualizer=False)
 
 
 def test_defaults_follow_paper() -> None:

@@ -157,6 +157,14 @@ def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int])
     return np.concatenate(images).astype(np.float32)
 
 
+#: OpenVINO op types that ``quantize_int8(..., ignored_types=F32_ELEMENTWISE_OPS)`` keeps in f32: every
+#: elementwise, reduction and matrix-product op, so that INT8 touches the convolutions only. On a trained Dskd
+#: (juice_bottle) this recovers f32 accuracy that full INT8 loses (docs/benchmarks/edge/README.md).
+F32_ELEMENTWISE_OPS = (
+    "Multiply", "Add", "Subtract", "Divide", "MatMul", "ReduceSum", "ReduceMean", "Power", "Sqrt", "Exp",
+)
+
+
 def quantize_int8(
     xml_path: Path, images: np.ndarray, output_dir: Path, ignored_types: tuple[str, ...] | None = None
 ) -> Path:

@@ -45,6 +45,18 @@ from anomalib_dskd.components.rd import SeparableGaussianBlur2d, cosine_distance
 PIXEL = "pixel"
 AFFINITY = "affinity"
 MAP_KINDS = (PIXEL, AFFINITY)
+#: RD's loss (official code, anomalib's ``ReverseDistillationLoss``): cosine of each image's whole flattened
+#: feature maps. A loss kind only: the student trained with it is scored with the cosine-distance map.
+FLATTEN = "flatten"
+LOSS_KINDS = (PIXEL, FLATTEN, AFFINITY)
+
+
+def map_kind_of(loss: str) -> str:
+    """The anomaly map that goes with a student's loss: ``"flatten"`` and ``"pixel"`` -> cosine distance."""
+    if loss not in LOSS_KINDS:
+        msg = f"loss must be one of {LOSS_KINDS}, got {loss!r}."
+        raise ValueError(msg)
+    return PIXEL if loss == FLATTEN else loss
 
 _EPS = 1e-8
 _LOG2E = 1.0 / math.log(2.0)

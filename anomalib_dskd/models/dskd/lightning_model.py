@@ -42,7 +42,7 @@ from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
-from .anomaly_map import AFFINITY, PIXEL
+from .anomaly_map import AFFINITY, PIXEL, map_kind_of
 from .loss import DskdLoss
 from .statistics import StreamingMoments
 from .torch_model import STUDENTS, DskdModel, warn_if_uncalibrated
@@ -65,9 +65,12 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             random teacher (smoke tests only); a path loads a local checkpoint (see ``docs/weights.md``).
         gccb_channels: width ``g`` of the Global Context Condensing Block. Defaults to ``1024``
             (paper). The GCCB holds about ``2 g^2 h w`` weights (h x w = embedding size, 8x8 at 256 px).
-        local_loss: ``"pixel"`` (default, Eq. 1-2) or ``"affinity"`` (Eq. 3-7) for the local student.
-            The student's anomaly map follows its loss (cosine distance or affinity KL).
-        global_loss: ``"affinity"`` (default) or ``"pixel"`` for the global student.
+        local_loss: ``"pixel"`` (default, Eq. 1-2), ``"affinity"`` (Eq. 3-7) or ``"flatten"`` (RD's loss:
+            the cosine of each image's whole flattened feature maps, as ``Rd`` and anomalib's
+            ``ReverseDistillation`` train; not in the DSKD paper, measured in ``docs/models/dskd.md``) for the
+            local student. The student's anomaly map follows its loss (cosine distance for ``"pixel"`` and
+            ``"flatten"``, affinity KL for ``"affinity"``).
+        global_loss: ``"affinity"`` (default), ``"pixel"`` or ``"flatten"`` for the global student.
         temperature: affinity temperature ``T``. Defaults to ``1``.
         affinity_chunk_size: query positions per affinity chunk (memory ``O(B * chunk * N)``);
             ``None`` computes the ``N x N`` affinities at once. Defaults to ``512``.
@@ -151,8 +154,8 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
             pre_trained=normalize_pre_trained(pre_trained),
             input_size=require_input_size(input_size, "Dskd", "its GCCB kernel is the embedding size"),
             gccb_channels=gccb_channels,
-            local_map=local_loss,
-            global_map=global_loss,
+            local_map=map_kind_of(local_loss),
+            global_map=map_kind_of(global_loss),
             temperature=temperature,
             chunk_size=affinity_chunk_size,
             sigma=sigma,

@@ -13,7 +13,7 @@ from torch import nn
 
 from anomalib_dskd.components.rd import CosineDistillationLoss
 
-from .anomaly_map import AFFINITY, MAP_KINDS, PIXEL, affinity_kl
+from .anomaly_map import AFFINITY, FLATTEN, LOSS_KINDS, PIXEL, affinity_kl
 
 
 class PerPixelCosineLoss(CosineDistillationLoss):
@@ -54,12 +54,15 @@ class ContextualAffinityLoss(nn.Module):
 
 
 def build_student_loss(kind: str, temperature: float = 1.0, chunk_size: int | None = 512) -> nn.Module:
-    """``"pixel"`` -> :class:`PerPixelCosineLoss`, ``"affinity"`` -> :class:`ContextualAffinityLoss`."""
+    """``"pixel"`` -> :class:`PerPixelCosineLoss`, ``"affinity"`` -> :class:`ContextualAffinityLoss`,
+    ``"flatten"`` -> RD's :class:`~anomalib_dskd.components.rd.CosineDistillationLoss` (``mode="flatten"``)."""
     if kind == PIXEL:
         return PerPixelCosineLoss()
     if kind == AFFINITY:
         return ContextualAffinityLoss(temperature, chunk_size)
-    msg = f"loss must be one of {MAP_KINDS}, got {kind!r}."
+    if kind == FLATTEN:
+        return CosineDistillationLoss(mode="flatten")
+    msg = f"loss must be one of {LOSS_KINDS}, got {kind!r}."
     raise ValueError(msg)
 
 
@@ -67,8 +70,8 @@ class DskdLoss(nn.Module):
     """Sum of the local and the global student's losses (students trained together).
 
     Args:
-        local_loss / global_loss: ``"pixel"`` or ``"affinity"`` per student (Tables 4-5), or
-            ``None`` for a student that is not trained.
+        local_loss / global_loss: ``"pixel"`` or ``"affinity"`` per student (Tables 4-5), ``"flatten"``
+            (RD's whole-map cosine), or ``None`` for a student that is not trained.
         temperature / chunk_size: of the affinity loss.
 
     ``forward(teacher, local, global)`` returns ``(total, {"local": ..., "global": ...})``.
