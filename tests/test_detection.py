@@ -118,6 +118,10 @@ def test_checkpoint_round_trip_gives_the_same_maps_and_scores(name: str, categor
 #: gives after INT8, see docs/benchmarks/edge/README.md) has no correlation and AUROC 0.5, a map of quantisation
 #: noise correlates near 0 and falls to the untrained models' AUROC (at most 0.73, module docstring). Bounds:
 #: correlation 0.5 (0.16 below the worst model), AUROC loss 0.15 (0.04 above the worst).
+#: (Those figures predate ``Int8Export``, which keeps the map-smoothing convolutions in f32.) The image score must
+#: also stay the maximum of the map the graph returns: with the smoothing in INT8, OpenVINO's CPU plugin returned
+#: scores off by up to 1.37 on a trained juice_bottle Rd (``anomalib_dskd/components/int8.py``); 1e-4 of the map's
+#: scale is float32 rounding, far below that.
 INT8_MIN_MAP_CORRELATION = 0.5
 INT8_MAX_AUROC_DROP = 0.15
 
@@ -149,6 +153,10 @@ def test_int8_export_keeps_the_maps(name: str, category: Path, tmp_path: Path) -
     assert int8_auroc >= f32_auroc - INT8_MAX_AUROC_DROP, (f32_auroc, int8_auroc)
     assert np.isfinite(int8["anomaly_map"]).all()
     assert np.ptp(int8["pred_score"]) > 0, "INT8 gives every image the same score"
+    for outputs in (f32, int8):
+        map_max = outputs["anomaly_map"].reshape(len(images), -1).max(axis=1)
+        scale = float(np.abs(outputs["anomaly_map"]).max())
+        np.testing.assert_allclose(outputs["pred_score"].reshape(-1), map_max, rtol=0, atol=1e-4 * scale)
 
 
 def test_dskd_catches_arrangement_anomalies_its_local_student_misses(tmp_path_factory: pytest.TempPathFactory) -> None:

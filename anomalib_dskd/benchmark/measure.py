@@ -28,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, int8_ignored_scope
+
 __all__ = [
+    "F32_ELEMENTWISE_OPS",
     "count_parameters",
     "cpu_seconds",
     "export_openvino",
@@ -157,14 +160,6 @@ def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int])
     return np.concatenate(images).astype(np.float32)
 
 
-#: OpenVINO op types that ``quantize_int8(..., ignored_types=F32_ELEMENTWISE_OPS)`` keeps in f32: every
-#: elementwise, reduction and matrix-product op, so that INT8 touches the convolutions only. On a trained Dskd
-#: (juice_bottle) this recovers f32 accuracy that full INT8 loses (docs/benchmarks/edge/README.md).
-F32_ELEMENTWISE_OPS = (
-    "Multiply", "Add", "Subtract", "Divide", "MatMul", "ReduceSum", "ReduceMean", "Power", "Sqrt", "Exp",
-)
-
-
 def quantize_int8(
     xml_path: Path, images: np.ndarray, output_dir: Path, ignored_types: tuple[str, ...] | None = None
 ) -> Path:
@@ -174,7 +169,9 @@ def quantize_int8(
         xml_path: the f32 model.
         images: calibration images ``(N, 3, H, W)`` (one per calibration step, batch 1).
         output_dir: where ``model.xml`` / ``model.bin`` of the INT8 model are written.
-        ignored_types: OpenVINO op types NNCF must leave in f32 (``nncf.IgnoredScope(types=...)``).
+        ignored_types: OpenVINO op types NNCF must leave in f32 (e.g. ``F32_ELEMENTWISE_OPS``); the
+            map-smoothing convolutions always stay f32 (``anomalib_dskd.components.int8``: OpenVINO's image
+            score is wrong when they are INT8). ``None``: no op type.
 
     Returns:
         Path of the INT8 ``.xml``.
@@ -184,10 +181,8 @@ def quantize_int8(
 
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset([image[None] for image in images])
-    kwargs: dict[str, Any] = {}
-    if ignored_types:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(ignored_types), validate=False)
-    quantized = nncf.quantize(model, dataset, subset_size=len(images), **kwargs)
+    scope = int8_ignored_scope(model, tuple(ignored_types or ()))
+    quantized = nncf.quantize(model, dataset, subset_size=len(images), ignored_scope=scope)
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / "model.xml"
     ov.save_model(quantized, str(out), compress_to_fp16=False)
@@ -205,7 +200,8 @@ def export_openvino_int8_ptq(
 
     What ``anomalib export --export_type openvino --compression_type INT8_PTQ`` runs: NNCF
     post-training quantisation calibrated on the datamodule's *validation* images (anomalib's
-    choice; :func:`quantize_int8` calibrates on training images instead).
+    choice; :func:`quantize_int8` calibrates on training images instead). The package's models override
+    the quantisation call with their ignored scope (``anomalib_dskd.components.int8.Int8Export``).
     """
     from anomalib.deploy import CompressionType
 

@@ -31,6 +31,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.int8 import Int8Export
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
@@ -40,7 +41,7 @@ from .loss import ArdLoss
 from .torch_model import DEFAULT_ATTENTION_POSITION, DEFAULT_ATTENTION_TYPE, ArdModel
 
 
-class Ard(ReverseDistillationDefaults, AnomalibModule):
+class Ard(ReverseDistillationDefaults, Int8Export, AnomalibModule):
     """Reverse distillation with an attention one-class embedding (ARD).
 
     Args:

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, Int8Export
 from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 STATISTICS_SOURCES = ("validation", "train")
 
 
-class Dskd(ReverseDistillationDefaults, AnomalibModule):
+class Dskd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
     """DSKD: a local and a global student distilled from one frozen teacher, fused by Eq. 8.
 
     Args:
@@ -110,6 +111,9 @@ class Dskd(ReverseDistillationDefaults, AnomalibModule):
         TeacherBackboneError: unknown or non-CNN backbone.
         TeacherWeightsError: a local checkpoint that does not fit the backbone.
     """
+
+    #: INT8 (``INT8_PTQ``): the standardisation / fusion arithmetic stays f32 (0.1 image AUROC otherwise).
+    int8_ignored_types = F32_ELEMENTWISE_OPS
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.int8 import Int8Export
 from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
@@ -76,7 +77,7 @@ SCORE_NORMALISATIONS = ("position", "global")
 STAGE_NAMES = {1: "stage 1/2: Local-Net distillation", 2: "stage 2/2: Global-Net + DAD"}
 
 
-class Glance(AnomalibModule):
+class Glance(Int8Export, AnomalibModule):
     """Glancing at the Patch (Wang et al., CVPR 2021): local vs. global features of every patch.
 
     Args:

@@ -51,6 +51,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.int8 import Int8Export
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 SupportSource = str | Path | torch.Tensor | Sequence[str | Path | torch.Tensor]
 
 
-class Packd(ReverseDistillationDefaults, AnomalibModule):
+class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
     """Prototype-aware contrastive knowledge distillation (PACKD) for few-shot anomaly detection.
 
     Trained by anomalib's ``Engine.fit`` like any one-class model (``learning_type`` is

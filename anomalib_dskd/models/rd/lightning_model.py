@@ -27,6 +27,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_dskd.components.int8 import Int8Export
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
@@ -36,7 +37,7 @@ from .loss import RdLoss
 from .torch_model import RdModel
 
 
-class Rd(ReverseDistillationDefaults, AnomalibModule):
+class Rd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
     """Reverse distillation (RD) with a backbone-generic core.
 
     Args:

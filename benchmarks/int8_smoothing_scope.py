@@ -1,0 +1,44 @@
+"""INT8 with the anomaly-map smoothing convolutions kept f32, on one kept standard-profile cell (issue #16).
+
+Exports the cell's model to OpenVINO f32 (raw outputs; ``norm`` as second argument: anomalib's normalisation in
+the graph), quantises it with NNCF twice (32 training images): every op, and with the smoothing convolutions in
+``nncf.IgnoredScope(names=...)``. Prints accuracy on the cell's test set and how far the image score is from the
+maximum of the map the same graph returns (0 in f32).
+
+    CI=true python benchmarks/int8_smoothing_scope.py <standard>/std_a/cells/Rd__juice_bottle__seed42.json [norm]
+
+The smoothing convolutions are found by the package's rule (``anomalib_dskd.components.int8.map_smoothing_convolutions``).
+"""
+
+import sys
+from pathlib import Path
+import tempfile
+import numpy as np, torch, nncf, openvino as ov
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import int8_accuracy as ia
+from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, openvino_outputs
+from anomalib_dskd.components.int8 import int8_ignored_scope, map_smoothing_convolutions
+torch.set_num_threads(1)
+cell = Path(sys.argv[1]); normalised = len(sys.argv) > 2
+spec, module, dm = ia._load_cell(cell, normalised=normalised)
+size = tuple(spec.image_size)
+cal = calibration_images(dm, 32, size)
+images, labels, masks = ia._test_set(dm, size)
+out = Path(tempfile.mkdtemp()) / (cell.stem + ("_norm" if normalised else ""))
+f32 = export_openvino(module, out / "f32", size)
+model = ov.Core().read_model(str(f32))
+
+names = map_smoothing_convolutions(model)
+print("kept f32:", names)
+ref = openvino_outputs(f32, images)
+print("f32", ia._accuracy(ref, labels, masks), flush=True)
+variants = [("int8", None), ("int8_smoothing_f32", nncf.IgnoredScope(names=names))]
+if type(module).int8_ignored_types:  # the package's scope for this model (Int8Export): smoothing + its op types
+    variants.append(("int8_package", int8_ignored_scope(model, type(module).int8_ignored_types)))
+for label, scope in variants:
+    kw = {"ignored_scope": scope} if scope else {}
+    q = nncf.quantize(ov.Core().read_model(str(f32)), nncf.Dataset([i[None] for i in cal]), subset_size=len(cal), **kw)
+    (out / label).mkdir(parents=True, exist_ok=True); ov.save_model(q, str(out / label / "model.xml"), compress_to_fp16=False)
+    o = openvino_outputs(out / label / "model.xml", images)
+    amax = np.asarray(o["anomaly_map"]).reshape(len(images), -1).max(1)
+    print(label, ia._accuracy(o, labels, masks), "pred_score vs max(map): max abs diff %.4g" % np.abs(np.asarray(o["pred_score"]).ravel() - amax).max(), flush=True)

@@ -1,0 +1,47 @@
+"""INT8 ignored scope (``anomalib_dskd.components.int8``) on small hand-built OpenVINO graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, Int8Export, map_smoothing_convolutions
+
+
+def _graph():
+    """image -> conv 3->4 -> conv 4->1 -> (1, 1, 5, 1) conv -> (1, 1, 1, 5) conv -> max: a model's tail."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([1, 3, 16, 16], np.float32, name="image")
+
+    def conv(x, shape, name, pads):
+        weights = ops.constant(np.random.default_rng(0).random(shape, dtype=np.float32))
+        node = ops.convolution(x, weights, [1, 1], pads, pads, [1, 1])
+        node.set_friendly_name(name)
+        return node
+
+    features = conv(image, (4, 3, 3, 3), "learned_1", [1, 1])
+    raw_map = conv(features, (1, 4, 1, 1), "learned_to_one_channel", [0, 0])
+    smooth = conv(conv(raw_map, (1, 1, 5, 1), "blur_y", [2, 0]), (1, 1, 1, 5), "blur_x", [0, 2])
+    score = ops.reduce_max(smooth, ops.constant(np.array([2, 3])), keep_dims=False)
+    return ov.Model([smooth, score], [image])
+
+
+def test_map_smoothing_convolutions_are_the_one_to_one_channel_filters() -> None:
+    # the 4->1 projection is learned (4 input channels) and must be quantised; only 1->1 filters are kept f32
+    assert map_smoothing_convolutions(_graph()) == ["blur_y", "blur_x"]
+
+
+def test_dskd_keeps_its_elementwise_arithmetic_f32_and_the_others_do_not() -> None:
+    from anomalib_dskd.models.dskd import Dskd
+    from anomalib_dskd.models.rd import Rd
+
+    assert issubclass(Rd, Int8Export)
+    assert Rd.int8_ignored_types == ()
+    assert Dskd.int8_ignored_types == F32_ELEMENTWISE_OPS
+
+
+def test_int8_ptq_without_a_datamodule_says_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="Datamodule must be provided"):
+        Int8Export()._post_training_quantization_ov(_graph(), None)
