@@ -1,4 +1,4 @@
-"""Dskd's ``global_map_key_pool`` on trained models (not yet run: no committed output): accuracy and map error against exact Eq. 6 scoring.
+"""Dskd's ``global_map_key_pool`` on trained models (output of 2026-12-02: docs/benchmarks/edge/key_pool_juice_bottle.json): accuracy and map error against exact Eq. 6 scoring.
 
 Re-scores the Dskd models a benchmark run kept (``evaluation.keep_checkpoint: true``, the standard profile)
 with the shallowest global scale's keys pooled over ``k x k`` cells, for each ``--pool`` value: the Eq. 8

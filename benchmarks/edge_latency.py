@@ -2,9 +2,10 @@
 
 Every variant is exported once (random weights: the cost of these dense graphs does not depend on them;
 Dskd's Eq. 8 statistics set to fixed values), quantised with NNCF twice (calibrated on random images: for
-latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job): ``int8``, every op NNCF quantises, and
-``int8_conv``, the elementwise, reduction and MatMul ops kept in f32 (``measure.F32_ELEMENTWISE_OPS``, the
-variant that keeps a trained Dskd's accuracy), and compiled with
+latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job): ``int8``, every op NNCF quantises but the
+map-smoothing convolutions (``measure.quantize_int8``'s default, the package's path for Rd), and ``int8_conv``,
+the elementwise, reduction and MatMul ops kept in f32 too (``measure.F32_ELEMENTWISE_OPS``, Dskd's package
+path, the variant that keeps a trained Dskd's accuracy), and compiled with
 ``INFERENCE_PRECISION_HINT=f32`` and ``--threads`` threads. Then ``--rounds`` rounds each time
 ``--calls`` calls of every variant in turn, so that whatever else runs on the machine weighs on all of
 them alike; the figure per variant is the median over rounds of the round's median, and the ratio to Rd

@@ -51,8 +51,8 @@ def _load_cell(cell_json: Path, normalised: bool = False) -> tuple[Any, Any, Any
     if missing or unexpected:
         msg = f"{cell_json.stem}: checkpoint does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         raise RuntimeError(msg)
-    # raw maps and scores, as the cells evaluate them: anomalib's normalisation clamps into ties, and an INT8
-    # offset pushes whole maps past the clamp (measured: every INT8 output 1.0, image AUROC 0.5, when left on)
+    # raw maps and scores, as the cells evaluate them: anomalib's normalisation clamps into ties (and, before the
+    # map smoothing was kept f32, INT8 gave every image one normalised score: docs/benchmarks/edge/README.md)
     module.post_processor.enable_normalization = normalised
     datamodule = build_datamodule(spec.dataset, spec.data, spec.seed)
     datamodule.setup("test")
