@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage1-batch-size", type=int, default=32)
     parser.add_argument("--stage1-init", choices=["default", "kaiming"], default="default",
                         help="Local-Net initialisation in the stage-1 study (kaiming: fan-in normal for leaky ReLU)")
+    parser.add_argument("--stage1-decoder", choices=["linear", "standardised"], default="linear",
+                        help="stage-1 study: the decoder as built, or Local-Net's features standardised per channel "
+                             "(BatchNorm1d without affine) before it")
     parser.add_argument("--teacher-std-floor", type=float, help="override teacher_std_floor (stage-1 study too)")
     parser.add_argument("--rd-epochs", type=int, default=20)
     parser.add_argument("--rd-batch-size", type=int, default=8)
@@ -136,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rescore-from", type=Path,
                         help="do not train: load Glance models saved by --save-models and score them with "
                              "--extra-lambda-s (rows 'glance(lambda_s=X)', training time copied)")
+    parser.add_argument("--summary-from", type=Path, nargs="+",
+                        help="only write the summary (--summary-out) from these result files (one per seed)")
+    parser.add_argument("--summary-cells", type=Path,
+                        help="standard-profile cells folder for the Rd / Padim rows of the summary")
+    parser.add_argument("--summary-out", type=Path, default=REPO / "docs/benchmarks/glance/summary.json")
     parser.add_argument("--speed-only", action="store_true",
                         help="only time Glance's inference paths (reference per-patch vs fast) on random images")
     return parser.parse_args(argv)
@@ -268,14 +276,19 @@ def evaluate_score_modes(model: Any, data: dict[str, torch.Tensor], batch_size: 
                          modes: list[str]) -> dict[str, dict[str, float]]:
     """Metrics of each score mode from one pass of the networks (the heads are computed once per image)."""
     glance = model.model.eval()
+    glance.head_scores(data["image"][:1])  # warm-up (caches, allocator), as evaluate()
+    start = time.perf_counter()
     heads = [glance.head_scores(data["image"][begin : begin + batch_size])
              for begin in range(0, len(data["image"]), batch_size)]
     s_iad = torch.cat([h[0] for h in heads])
     s_dad = torch.cat([h[1] for h in heads])
+    glance.maps_from_patch_scores(glance.combine_scores(s_iad, s_dad, glance.score_mode))
+    seconds = time.perf_counter() - start  # heads + fusion of the model's own score mode: a full inference pass
     out = {}
     for mode in modes:
         result = glance.maps_from_patch_scores(glance.combine_scores(s_iad, s_dad, mode))
-        out[mode] = raw_metrics(result.pred_score, result.anomaly_map, data["label"], data["mask"])
+        out[mode] = {"images_per_s": len(data["image"]) / seconds,
+                     **raw_metrics(result.pred_score, result.anomaly_map, data["label"], data["mask"])}
     return out
 
 
@@ -399,6 +412,7 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
                   "lambda_c_warmup": (0.25, 0.5) if variant == "warmup" else (0.0, 0.0)}
         if args.teacher_std_floor is not None:
             kwargs["teacher_std_floor"] = args.teacher_std_floor
+        kwargs["standardise_decoder_input"] = args.stage1_decoder == "standardised"
         model = Glance(**kwargs)
         if args.stage1_init == "kaiming":
             for conv in (model.model.local_net.conv1, model.model.local_net.conv2, model.model.local_net.conv3,
@@ -431,7 +445,8 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
                 history.append(row)
                 print(f"   {variant}: {row}", flush=True)
         baseline = float(model._heldout[1].square().sum(dim=-1).mean())  # noqa: SLF001
-        rows.append({"dataset": name, "variant": variant, "steps": args.stage1_steps, "lr_local": args.stage1_lr,
+        rows.append({"dataset": name, "variant": variant, "decoder": args.stage1_decoder,
+                     "steps": args.stage1_steps, "lr_local": args.stage1_lr,
                      "batch_size": args.stage1_batch_size, "teacher_std_floor": model.teacher_std_floor,
                      "init": args.stage1_init, "heldout_baseline": round(baseline, 1),
                      "max_batch_loss_k": round(max(batch_losses), 1),
@@ -441,7 +456,7 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
         print(f"== {variant}: held-out fraction {history[-1]['heldout_fraction']}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
-        key = ("dataset", "variant", "steps", "lr_local", "teacher_std_floor", "init")
+        key = ("dataset", "variant", "decoder", "steps", "lr_local", "teacher_std_floor", "init")
         previous = [r for r in previous if tuple(r.get(k) for k in key) != tuple(rows[-1][k] for k in key)]
         commands = json.loads(args.out.read_text()).get("commands", []) if args.out.exists() else []
         command = " ".join([sys.executable, *sys.argv])
@@ -451,8 +466,70 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
     return 0
 
 
+SUMMARY_MODELS = {"glance": "Glance", "glance[mixed]": "Glance", "glance[iad]": "Glance-IAD",
+                  "glance[dad]": "Glance-DAD", "rd": "Rd"}
+
+
+def write_summary(paths: list[Path], cells: Path | None, out: Path) -> None:
+    """``docs/benchmarks/glance/summary.json``: mean / std over seeds per (model, dataset).
+
+    Glance rows (and ``rd`` rows, if any) come from this script's result files, one per seed; Rd and
+    Padim rows from the standard profile's cells (``--summary-cells``, ``<Model>__<dataset>__seed<N>.json``)
+    when the result files have no Rd row for a dataset.
+    """
+    per_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for row in result["results"]:
+            model = SUMMARY_MODELS.get(row["model"])
+            if model is None or row["model"] == "glance" and any(
+                    r["dataset"] == row["dataset"] and r["model"] == "glance[mixed]" for r in result["results"]):
+                continue  # the main row duplicates glance[mixed] (same weights, same mode)
+            per_key.setdefault((model, row["dataset"]), []).append(
+                {"seed": result["seed"], "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"],
+                 "aupro": row["aupro"], "fraction": row.get("local_distillation_fraction"), "source": str(path)})
+    if cells is not None:
+        datasets = sorted({dataset for _, dataset in per_key})
+        for model in ("Rd", "Padim"):
+            for dataset in datasets:
+                if (model, dataset) in per_key:
+                    continue
+                for cell in sorted(cells.glob(f"{model}__{dataset}__seed*.json")):
+                    if cell.name.endswith(".spec.json"):
+                        continue
+                    data = json.loads(cell.read_text())
+                    metrics = data["metrics"]
+                    per_key.setdefault((model, dataset), []).append(
+                        {"seed": data["seed"], "image_auroc": metrics["image_AUROC"],
+                         "pixel_auroc": metrics["pixel_AUROC"], "aupro": metrics["AUPRO"], "fraction": None,
+                         "source": str(cell)})
+    rows = []
+    for (model, dataset), entries in sorted(per_key.items()):
+        values = [e["image_auroc"] for e in entries]
+        fractions = [e["fraction"] for e in entries if e["fraction"] is not None]
+        rows.append({
+            "model": model, "dataset": dataset,
+            "image_auroc_mean": round(statistics.mean(values), 4),
+            "image_auroc_std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "seeds": sorted(e["seed"] for e in entries),
+            "local_distillation_fraction": round(statistics.mean(fractions), 4) if model.startswith("Glance") else None,
+            "local_distillation_fraction_max": round(max(fractions), 4) if model.startswith("Glance") else None,
+            "pixel_auroc_mean": round(statistics.mean(e["pixel_auroc"] for e in entries), 4),
+            "aupro_mean": round(statistics.mean(e["aupro"] for e in entries), 4),
+            "sources": sorted({e["source"] for e in entries}),
+        })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        print(f"{row['model']:12s} {row['dataset']:13s} {row['image_auroc_mean']:.3f} +- {row['image_auroc_std']:.3f} "
+              f"fraction {row['local_distillation_fraction']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summary_from:
+        write_summary(args.summary_from, args.summary_cells, args.summary_out)
+        return 0
     torch.set_num_threads(args.threads)
     if args.speed_only:
         speed = speed_breakdown()
@@ -505,12 +582,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_models is not None:
                 args.save_models.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), args.save_models / f"{name}_{model_name}.pt")
-            metrics = evaluate(model, data["test"], args.eval_batch_size)
-            metrics["latency_ms_batch1"] = latency_ms(model, data["test"]["image"][:1], args.latency_repeats)
             extra_rows = []
             if model_name == "glance" and (len(args.score_modes) > 1 or args.score_modes != ["mixed"]):
-                by_mode = evaluate_score_modes(model, data["test"], args.eval_batch_size, args.score_modes)
+                # one inference pass serves every score mode; the model's own mode is the main row
+                by_mode = evaluate_score_modes(model, data["test"], args.eval_batch_size,
+                                               sorted({*args.score_modes, model.model.score_mode}))
+                metrics = dict(by_mode[model.model.score_mode])
+            else:
+                by_mode = {}
+                metrics = evaluate(model, data["test"], args.eval_batch_size)
+            metrics["latency_ms_batch1"] = latency_ms(model, data["test"]["image"][:1], args.latency_repeats)
+            if by_mode:
                 for mode, mode_metrics in by_mode.items():
+                    if mode not in args.score_modes:
+                        continue
                     extra_rows.append({"dataset": name, "model": f"glance[{mode}]", "train_seconds": round(train_seconds, 1),
                                        **{k: round(v, 4) for k, v in mode_metrics.items()},
                                        "local_distillation_fraction": info.get("local_distillation_fraction")})

@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generated", type=int, default=2, help="synthetic MVTec AD categories added to training")
     parser.add_argument("--target", required=True, metavar="FORMAT:ROOT:CATEGORY")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--train-k", type=int, default=None,
+                        help="train Packd once with this k and adapt it to every --k (default: one training per k)")
+    parser.add_argument("--latency", action="store_true",
+                        help="export each model of the first draw at the first k to OpenVINO and time it (batch 1, f32)")
+    parser.add_argument("--summary-from", type=Path, nargs="+", default=None,
+                        help="only write the summary (--summary-out) from these result files of earlier runs")
+    parser.add_argument("--summary-out", type=Path, default=None)
     parser.add_argument("--draws", type=int, default=3, help="support draws per k")
     parser.add_argument("--epochs", type=int, default=1, help="Packd training epochs")
     parser.add_argument("--max-batches", type=int, default=0, help="cap on Packd batches per epoch (0: none)")
@@ -74,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["packd", "patchcore", "rd"],
         help="packd, patchcore, rd; packd-foreign = control: Packd given k normal images of the\n"
-        "first training category instead of the target's",
+        "first training category instead of the target's; packd-distill = the same weights and supports\n"
+        "scored with the distillation map alone (support_score_weight 0, the paper's score)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -212,6 +220,9 @@ def adapt_rd(args: argparse.Namespace, supports: torch.Tensor) -> tuple[Any, flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summary_from:
+        write_summary(args.summary_from, args.summary_out or Path("docs/benchmarks/packd/summary.json"))
+        return 0
     torch.set_num_threads(args.threads)
     from anomalib_dskd.data import generate_mvtec_ad_category
     from anomalib_dskd.data.few_shot import parse_specs
@@ -237,11 +248,25 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[dict[str, Any]] = []
+    latencies: dict[str, Any] = {}
+    uses_packd = any(name.startswith("packd") for name in args.models)
+    trained = None
+    if uses_packd and args.train_k is not None:
+        trained = train_packd(args, args.train_k, sources, args.target)
     for k in args.k:
         packd = datamodule = None
         packd_train = None
-        if "packd" in args.models or "packd-foreign" in args.models:
-            packd, datamodule, packd_train = train_packd(args, k, sources, args.target)
+        if uses_packd:
+            if trained is None:
+                packd, datamodule, packd_train = train_packd(args, k, sources, args.target)
+            else:
+                from anomalib_dskd.data.few_shot import FewShotDataModule
+
+                packd, _, packd_train = trained
+                datamodule = FewShotDataModule(train_sources=sources, target=args.target, k_shot=k, seed=args.seed,
+                                               image_size=(args.image_size,) * 2, train_batch_size=args.groups,
+                                               num_support_draws=args.draws)
+                datamodule.setup()
         else:
             from anomalib_dskd.data.few_shot import FewShotDataModule
 
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     packd.set_support(foreign)
                     model, adapt = packd, time.perf_counter() - start
-                elif name == "packd":
+                elif name in {"packd", "packd-distill"}:
                     start = time.perf_counter()
                     packd.eval()
                     packd.set_support(supports)
@@ -277,11 +302,22 @@ def main(argv: list[str] | None = None) -> int:
                     model, adapt = adapt_rd(args, supports)
                 else:
                     raise SystemExit(f"unknown model {name}")
-                scores, maps = predict(model.model, model.pre_processor.transform, images)
+                weight = packd.model.support_score_weight if packd is not None else None
+                if name == "packd-distill":
+                    packd.model.support_score_weight = 0.0
+                try:
+                    scores, maps = predict(model.model, model.pre_processor.transform, images)
+                finally:
+                    if packd is not None:
+                        packd.model.support_score_weight = weight
                 metrics = raw_metrics(scores, maps, labels, masks)
                 row = {"model": name, "k": k, "draw": draw, "adapt_s": adapt, **metrics}
                 if name.startswith("packd"):
                     row["train_s"] = packd_train
+                    row["train_k"] = args.train_k or k
+                if args.latency and k == args.k[0] and draw == 0 and name in {"packd", "patchcore", "rd"}:
+                    latencies[name] = openvino_timing(model, args, name)
+                    print(f"  {name} OpenVINO: {latencies[name]}", flush=True)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = []
@@ -305,9 +341,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "summary": summary}, indent=2)
+            json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                        "args": {k: str(v) for k, v in vars(args).items()}, "target": target["category"],
+                        "rows": rows, "summary": summary, "openvino": latencies}, indent=2)
         )
     return 0
+
+
+SUMMARY_NAMES = {"packd": "Packd", "packd-foreign": "Packd-foreign", "patchcore": "Patchcore-k", "rd": "Rd-k",
+                 "packd-distill": "Packd-distill"}
+
+
+def openvino_timing(model: Any, args: argparse.Namespace, name: str) -> dict[str, float]:  # noqa: ANN401
+    """Export ``model`` (its current supports / memory bank) to OpenVINO and time batch-1 f32 inference."""
+    from anomalib_dskd.benchmark.measure import export_openvino, openvino_latency, openvino_size_mb
+
+    size = (args.image_size, args.image_size)
+    xml = export_openvino(model, Path(tempfile.mkdtemp(prefix=f"packd_ov_{name}_")), size)
+    stats = openvino_latency(xml, size, threads=args.threads)
+    return {"median_ms": round(stats["median"], 2), "size_mb": round(openvino_size_mb(xml), 2), "threads": args.threads}
+
+
+def write_summary(paths: list[Path], out: Path) -> None:
+    """``docs/benchmarks/packd/summary.json``: one row per (model, target, k) over the result files."""
+    rows = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for entry in result["summary"]:
+            rows.append({"model": SUMMARY_NAMES.get(entry["model"], entry["model"]), "target": result["target"],
+                         "k": entry["k"], "image_auroc_mean": round(entry["image_auroc"], 4),
+                         "image_auroc_std": round(entry["image_auroc_std"], 4), "draws": entry["draws"],
+                         "pixel_auroc_mean": round(entry["pixel_auroc"], 4), "aupro_mean": round(entry["aupro"], 4),
+                         "adapt_s_mean": round(entry["adapt_s"], 3), "source": str(path)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

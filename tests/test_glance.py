@@ -677,3 +677,24 @@ def test_export_onnx_openvino_match_torch(tmp_path: Path) -> None:
     assert not torch.allclose(raw, standardised)
     paths = assert_export_parity(model, tmp_path, SIZE)
     assert paths["openvino"].with_suffix(".bin").stat().st_size > 0
+
+
+def test_standardised_decoder_input_trains_and_measures_with_training_statistics() -> None:
+    """``standardise_decoder_input``: BatchNorm before the decoder; the held-out check never updates its statistics."""
+    torch.manual_seed(0)
+    model = _glance(standardise_decoder_input=True)
+    norm = model.model.decoder[0]
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine
+    optimizer = model.configure_optimizers()
+    images = torch.randn(3, 3, *SIZE)
+    model.train()
+    losses = model.local_stage_losses(images, step=0)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    assert norm.num_batches_tracked.item() == 1  # the training batch updated the running statistics
+    before = norm.running_mean.clone()
+    fraction = model.measure_local_distillation()
+    assert fraction == fraction  # measured (not NaN)
+    assert norm.training  # mode restored
+    assert norm.num_batches_tracked.item() == 1 and torch.equal(norm.running_mean, before)  # held-out set unused

@@ -157,6 +157,10 @@ class Glance(Int8Export, AnomalibModule):
             ``0.5``.
         fast_inference: Windowed Global-Net / dense Local-Net grid inference (same results as the
             per-patch path, much faster). Defaults to ``True``.
+        standardise_decoder_input: Standardise Local-Net's features per channel before the stage-1
+            decoder (``BatchNorm1d`` without affine; training loss only, not used at inference).
+            Defaults to ``False`` (Uninformed Students' plain linear decoder); see
+            ``docs/models/glance.md``, Stage 1.
         pre_processor: Pre-processor or flag for the default (resize 256x256 + ImageNet norm).
         post_processor: Post-processor or flag for the default.
         evaluator: Evaluator or flag for the default.
@@ -210,6 +214,7 @@ class Glance(Int8Export, AnomalibModule):
         heldout_every: int = 0,
         distillation_warn_fraction: float = 0.5,
         fast_inference: bool = True,
+        standardise_decoder_input: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -282,6 +287,7 @@ class Glance(Int8Export, AnomalibModule):
             stain_size=stain_size,
             max_stains=max_stains,
             fast_inference=fast_inference,
+            standardise_decoder_input=standardise_decoder_input,
         )
         self.loss = GlanceLoss(lambda_k, lambda_c, lambda_t)
         self.teacher_std_floor = float(teacher_std_floor)
@@ -556,7 +562,12 @@ class Glance(Int8Export, AnomalibModule):
             return math.nan
         patches, targets = self._heldout
         model = self.model
-        decoded = torch.cat([model.decoder(model.local_net(chunk)) for chunk in patches.split(256)])
+        was_training = model.decoder.training
+        model.decoder.eval()  # a standardising decoder uses its running (training) statistics, not the held-out set's
+        try:
+            decoded = torch.cat([model.decoder(model.local_net(chunk)) for chunk in patches.split(256)])
+        finally:
+            model.decoder.train(was_training)
         baseline = float(targets.square().sum(dim=-1).mean())
         fraction = float(knowledge_distillation_loss(decoded, targets)) / max(baseline, 1e-12)
         model.local_distillation_fraction.fill_(fraction)

@@ -62,6 +62,11 @@ class GlanceModel(nn.Module):
         fast_inference: Use the windowed Global-Net and (with ``grid_align=2``) dense Local-Net; same
             results as the per-patch reference path (``False``), which is kept for tests.
         inference_chunk: Images processed at a time in eager inference (bounds memory).
+        standardise_decoder_input: Standardise Local-Net's features per channel (``BatchNorm1d``
+            without affine parameters, batch statistics in training) before the distillation decoder.
+            Only ``L_k`` sees it (the decoder is not used at inference). Local-Net's features start
+            tiny (median channel std 1e-4 on dark images), and a plain linear decoder must grow its
+            weights by orders of magnitude at Adam's ~``lr`` per step before ``L_k`` can fall.
 
     In eval mode ``forward(images)`` returns an :class:`~anomalib.data.InferenceBatch` with the
     ``(B, 1, H, W)`` IDW map and ``pred_score`` = its maximum (= the largest patch score).
@@ -97,6 +102,7 @@ class GlanceModel(nn.Module):
         max_stains: int = 3,
         fast_inference: bool = True,
         inference_chunk: int = 4,
+        standardise_decoder_input: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -129,7 +135,9 @@ class GlanceModel(nn.Module):
 
         self.teacher = PatchTeacher(backbone, pre_trained, teacher_input_size)
         self.local_net = LocalNet(feature_dim)
-        self.decoder = nn.Linear(feature_dim, self.teacher.feature_dim)
+        self.decoder: nn.Module = nn.Linear(feature_dim, self.teacher.feature_dim)
+        if standardise_decoder_input:
+            self.decoder = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), self.decoder)
         self.global_net = GlobalNet(feature_dim)
         self.dad = DADHead(feature_dim)
         self.stains = StainGenerator(stain_size, max_stains)

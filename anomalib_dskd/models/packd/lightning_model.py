@@ -106,6 +106,13 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             embedding (prototypes from the teacher's next stage). Defaults to the paper's ``(2, 3, 4)``.
         num_prototypes: prototypes per level (``M``). Defaults to ``8``.
         attention_dim: dimension of prototypes and PEIM attention. Defaults to ``64``.
+        support_score_weight: weight of the nearest-support distance map added to the distillation
+            map (the supports' teacher features of ``support_score_levels`` kept as a memory; every
+            query position scored by ``1 - cos`` to its nearest support feature, the distillation
+            map's own units). ``0`` is the paper's score, the distillation map alone. Defaults to
+            ``1`` (why: ``docs/models/packd.md``, "Support memory").
+        support_score_levels: teacher levels (1-3) of the support memory. Defaults to ``(2, 3)``
+            (PatchCore's).
         loss_mode: RD cosine loss mode, ``"flatten"`` (as Rd) or ``"pixel"``.
         contrastive_weight: weight of the contrastive distillation loss. Defaults to ``0.1``.
         orthogonality_weight: weight of the prototype orthogonality loss. Defaults to ``0.1``.
@@ -140,6 +147,8 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         peim_levels: Sequence[int] = (2, 3, 4),
         num_prototypes: int = 8,
         attention_dim: int = 64,
+        support_score_weight: float = 1.0,
+        support_score_levels: Sequence[int] = (2, 3),
         loss_mode: str = "flatten",
         contrastive_weight: float = 0.1,
         orthogonality_weight: float = 0.1,
@@ -171,6 +180,8 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             peim_levels=peim_levels,
             num_prototypes=num_prototypes,
             attention_dim=attention_dim,
+            support_score_weight=support_score_weight,
+            support_score_levels=support_score_levels,
         )
         self.loss = PackdLoss(loss_mode, contrastive_weight, orthogonality_weight, temperature, support_negatives)
         if int(k_shot) < 1:

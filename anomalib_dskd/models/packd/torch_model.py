@@ -24,6 +24,8 @@ from anomalib_dskd.components.rd import RdArchitecture, Teacher
 
 from .anomaly_map import AnomalyMapGenerator
 from .components import EMBEDDING_LEVEL, Peim, PrototypeConditionedDecoder
+from .components.support_memory import SupportMemory, check_support_levels
+from anomalib_dskd.components.rd.anomaly_map import cosine_distance_maps, upsample_and_sum
 
 
 class SupportError(ValueError):
@@ -51,6 +53,10 @@ class PackdModel(nn.Module):
         peim_levels: levels with prototype extraction and integration (paper: ``(2, 3, 4)``).
         num_prototypes: prototypes per level (``M``).
         attention_dim: dimension of the prototypes and of the PEIM attention.
+        support_score_weight: weight of the nearest-support distance maps
+            (:class:`~anomalib_dskd.models.packd.components.support_memory.SupportMemory`) added to the
+            distillation maps; ``0`` scores with the distillation map alone (the paper's score).
+        support_score_levels: teacher levels (1-3) of the support memory.
 
     Train mode: ``forward(queries (G, 3, H, W), supports (G, k, 3, H, W))`` returns a dict with the
     queries' teacher and student features, the prototypes and the supports' teacher features;
@@ -70,8 +76,15 @@ class PackdModel(nn.Module):
         peim_levels: Sequence[int] = (2, 3, 4),
         num_prototypes: int = 8,
         attention_dim: int = 64,
+        support_score_weight: float = 1.0,
+        support_score_levels: Sequence[int] = (2, 3),
     ) -> None:
         super().__init__()
+        if not float(support_score_weight) >= 0:
+            msg = f"support_score_weight must be a number >= 0 (0 = distillation map only), got {support_score_weight}."
+            raise ValueError(msg)
+        self.support_score_weight = float(support_score_weight)
+        self.support_score_levels = check_support_levels(support_score_levels) if self.support_score_weight else ()
         layers = tuple(int(layer) for layer in layers)
         if len(layers) != 3:
             msg = f"Packd distils three teacher stages (PEIM levels 1-3), got layers={list(layers)}."
@@ -102,6 +115,9 @@ class PackdModel(nn.Module):
         self.peim = Peim(support_channels, student_channels, num_prototypes, attention_dim)
         self.decoder = PrototypeConditionedDecoder(architecture.build_decoder(), self.peim, self.peim_levels)
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, sigma)
+        self.support_memory = SupportMemory(
+            [self.teacher.channels[level - 1] for level in self.support_score_levels], self.support_score_levels
+        )
         for index in range(len(self.peim_levels)):
             self.register_buffer(f"prototypes_{index}", torch.zeros(num_prototypes, attention_dim))
         self.register_buffer("support_ready", torch.zeros((), dtype=torch.bool))
@@ -119,14 +135,31 @@ class PackdModel(nn.Module):
     def _support_level_features(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [features[level - 1] for level in self.peim_levels]
 
-    def extract_prototypes(self, supports: torch.Tensor) -> list[torch.Tensor]:
-        """Per-level ``(G, M, d)`` prototypes of ``(G, k, 3, H, W)`` pre-processed support images."""
+    def extract_prototypes(
+        self, supports: torch.Tensor, features: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Per-level ``(G, M, d)`` prototypes of ``(G, k, 3, H, W)`` pre-processed support images.
+
+        ``features``: the supports' teacher features if already computed (flattened over ``G * k``).
+        """
         groups, shots = supports.shape[:2]
-        features = self.teacher(supports.flatten(0, 1))
+        features = self.teacher(supports.flatten(0, 1)) if features is None else features
         level_features = [
             feature.reshape(groups, shots, *feature.shape[1:]) for feature in self._support_level_features(features)
         ]
         return self.peim.extract(level_features)
+
+    def support_distance_maps(
+        self, teacher_features: Sequence[torch.Tensor], banks: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Weighted nearest-support distance maps of the query's teacher features (empty if weight 0).
+
+        ``banks``: the memory of other supports (``support_memory.build``) instead of the cached one.
+        """
+        if not self.support_score_levels:
+            return []
+        maps = self.support_memory([teacher_features[level - 1] for level in self.support_score_levels], banks)
+        return [self.support_score_weight * level_map for level_map in maps]
 
     def student(
         self, teacher_features: Sequence[torch.Tensor], prototypes: Sequence[torch.Tensor]
@@ -149,8 +182,9 @@ class PackdModel(nn.Module):
     def set_support(self, supports: torch.Tensor) -> list[torch.Tensor]:
         """Compute and cache the prototypes of ``(k, 3, H, W)`` pre-processed support images.
 
-        Runs the teacher and the PEIM extractors once (no training); the prototypes are stored in
-        buffers (saved in checkpoints, constants in ONNX / OpenVINO exports).
+        Runs the teacher and the PEIM extractors once (no training); the prototypes and the support
+        memory's features are stored in buffers (saved in checkpoints, constants in ONNX / OpenVINO
+        exports).
         """
         if supports.dim() != 4 or supports.shape[1] != 3:
             msg = f"support images must be a (k, 3, H, W) tensor, got shape {tuple(supports.shape)}."
@@ -164,7 +198,9 @@ class PackdModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            prototypes = self.extract_prototypes(supports.unsqueeze(0))
+            features = self.teacher(supports)
+            prototypes = self.extract_prototypes(supports.unsqueeze(0), features)
+            self.support_memory.set([features[level - 1] for level in self.support_score_levels])
         finally:
             self.train(was_training)
         for index, level_prototypes in enumerate(prototypes):
@@ -215,8 +251,13 @@ class PackdModel(nn.Module):
             index = torch.arange(groups, groups * (1 + shots), device=images.device).reshape(groups, shots)
             return self.episodes(torch.cat([images, supports.flatten(0, 1)]), index)
         batch = images.shape[0]
+        banks = None
         if supports is not None:
-            prototypes = [level.expand(batch, -1, -1) for level in self.extract_prototypes(supports[None])]
+            support_features = self.teacher(supports)
+            prototypes = [
+                level.expand(batch, -1, -1) for level in self.extract_prototypes(supports[None], support_features)
+            ]
+            banks = self.support_memory.build([support_features[level - 1] for level in self.support_score_levels])
         else:
             if not self._support_ready:
                 msg = (
@@ -228,7 +269,8 @@ class PackdModel(nn.Module):
             prototypes = [level.unsqueeze(0).expand(batch, -1, -1) for level in self.cached_prototypes]
         teacher_features = self.teacher(images)[:3]
         student_features = self.student(teacher_features, prototypes)
-        anomaly_map = self.anomaly_map_generator(teacher_features, student_features)
+        maps = cosine_distance_maps(teacher_features, student_features) + self.support_distance_maps(teacher_features, banks)
+        anomaly_map = self.anomaly_map_generator.blur(upsample_and_sum(maps, self.input_size))
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
