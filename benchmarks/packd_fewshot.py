@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training category (repeatable), e.g. mvtec_ad:/data/battery_weld:weld",
     )
     parser.add_argument("--generated", type=int, default=2, help="synthetic MVTec AD categories added to training")
-    parser.add_argument("--target", required=True, metavar="FORMAT:ROOT:CATEGORY")
+    parser.add_argument("--target", metavar="FORMAT:ROOT:CATEGORY", help="the unseen category (required unless --summary-from)")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--train-k", type=int, default=None,
                         help="train Packd once with this k and adapt it to every --k (default: one training per k)")
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_from:
         write_summary(args.summary_from, args.summary_out or Path("docs/benchmarks/packd/summary.json"))
         return 0
+    if not args.target:
+        raise SystemExit("packd_fewshot.py: --target FORMAT:ROOT:CATEGORY is required (unless --summary-from)")
     torch.set_num_threads(args.threads)
     from anomalib_dskd.data import generate_mvtec_ad_category
     from anomalib_dskd.data.few_shot import parse_specs
@@ -320,10 +322,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {name} OpenVINO: {latencies[name]}", flush=True)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    summary = summarise(rows, args.models, args.k)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                        "args": {k: str(v) for k, v in vars(args).items()}, "target": target["category"],
+                        "rows": rows, "summary": summary, "openvino": latencies}, indent=2)
+        )
+    return 0
+
+
+def summarise(rows: list[dict[str, Any]], models: list[str], ks: list[int]) -> list[dict[str, Any]]:
+    """Mean and population std over the draws per (model, k); prints the markdown table."""
     summary = []
     print("\n| model | k | image AUROC | pixel AUROC | AU-PRO | adapt s |\n|---|---|---|---|---|---|")
-    for name in args.models:
-        for k in args.k:
+    for name in models:
+        for k in ks:
             sel = [r for r in rows if r["model"] == name and r["k"] == k]
             if not sel:
                 continue
@@ -338,14 +353,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * entry['pixel_auroc']:.1f} ± {100 * entry['pixel_auroc_std']:.1f} | "
                 f"{100 * entry['aupro']:.1f} ± {100 * entry['aupro_std']:.1f} | {entry['adapt_s']:.2f} |"
             )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"command": " ".join([sys.executable, *sys.argv]),
-                        "args": {k: str(v) for k, v in vars(args).items()}, "target": target["category"],
-                        "rows": rows, "summary": summary, "openvino": latencies}, indent=2)
-        )
-    return 0
+    return summary
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file, or the printed log of a run stopped before it wrote one (its per-draw JSON lines)."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    lines = path.read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith('{"model"')]
+    target = next(line.split()[1].rstrip(":") for line in lines if line.startswith("target "))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    ks = sorted({r["k"] for r in rows})
+    return {"target": target, "rows": rows, "summary": summarise(rows, models, ks), "partial_log": True}
 
 
 SUMMARY_NAMES = {"packd": "Packd", "packd-foreign": "Packd-foreign", "patchcore": "Patchcore-k", "rd": "Rd-k",
@@ -366,7 +386,7 @@ def write_summary(paths: list[Path], out: Path) -> None:
     """``docs/benchmarks/packd/summary.json``: one row per (model, target, k) over the result files."""
     rows = []
     for path in paths:
-        result = json.loads(Path(path).read_text())
+        result = read_result(Path(path))
         for entry in result["summary"]:
             rows.append({"model": SUMMARY_NAMES.get(entry["model"], entry["model"]), "target": result["target"],
                          "k": entry["k"], "image_auroc_mean": round(entry["image_auroc"], 4),
