@@ -32,10 +32,11 @@ def _scale(theirs: np.ndarray) -> float:
     return max(float(np.ptp(theirs)), float(np.abs(theirs).max()), 1e-6)
 
 
-def _close(name: str, ours: np.ndarray, theirs: np.ndarray, rel: float) -> None:
+def _close(name: str, ours: np.ndarray, theirs: np.ndarray, rel: float, scale: float | None = None) -> None:
     ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
     assert ours.shape == theirs.shape or ours.size == theirs.size, (name, ours.shape, theirs.shape)
-    scale = _scale(theirs) if name != "pred_label" else 1.0
+    if scale is None:
+        scale = _scale(theirs) if name != "pred_label" else 1.0
     error = float(np.abs(ours.reshape(-1) - theirs.reshape(-1)).max())
     assert error <= rel * scale, f"{name}: max abs error {error:.3g} > {rel} x {scale:.3g}"
 
@@ -89,19 +90,23 @@ def assert_prediction_matches(
 ) -> None:
     """An ``OpenVINOInferencer.predict`` result equals torch's ``expected`` outputs of the same images.
 
-    ``pred_score`` and ``anomaly_map`` within ``rel`` of the torch output's scale (as
-    ``assert_export_parity``); ``pred_label`` / ``pred_mask`` equal wherever torch's score / map is
+    ``anomaly_map`` within ``rel`` of the torch map's scale (as ``assert_export_parity``), ``pred_score``
+    within ``rel`` of the normalised score range [0, 1]; ``pred_label`` / ``pred_mask`` equal wherever torch's score / map is
     further than that tolerance from its (normalised) image / pixel threshold (most pixels must be).
     Layouts are the inferencer's: maps ``(N, 1, H, W)``, masks ``(N, H, W, 1)``; torch's ``(N, 1, H, W)``.
     """
     for name in PREDICTION_FIELDS:
         assert getattr(prediction, name) is not None, f"{where}: the inferencer returned no {name}"
-    _close(f"{where} pred_score", prediction.pred_score, expected["pred_score"], rel)
-    _close(f"{where} anomaly_map", prediction.anomaly_map, expected["anomaly_map"], rel)
+    # The post-processor normalises image scores to [0, 1]: that range is their scale. A single image's score
+    # has no range, and its magnitude made the tolerance depend on where the score fell (0.24 in one CI run: a
+    # 4x tighter bound than the map's, failed by a 0.0004 difference that the map check accepted).
+    scales = {"pred_score": 1.0, "anomaly_map": _scale(expected["anomaly_map"])}
+    _close(f"{where} pred_score", prediction.pred_score, expected["pred_score"], rel, scales["pred_score"])
+    _close(f"{where} anomaly_map", prediction.anomaly_map, expected["anomaly_map"], rel, scales["anomaly_map"])
     checks = (("pred_label", "pred_score", thresholds[0]), ("pred_mask", "anomaly_map", thresholds[1]))
     for name, values, threshold in checks:
         reference = np.asarray(expected[values], dtype=np.float64).reshape(-1)
-        decided = np.abs(reference - threshold) > rel * _scale(expected[values])
+        decided = np.abs(reference - threshold) > rel * scales[values]
         if name == "pred_mask":  # not for labels: a validation image's score can be the F1 threshold itself
             assert decided.mean() >= 0.5, f"{where} {name}: most torch values lie at the threshold {threshold}"
         ours = np.asarray(getattr(prediction, name)).reshape(-1).astype(bool)
