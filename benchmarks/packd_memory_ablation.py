@@ -57,18 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def memory_scores(model: Any, images: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-    """Image scores and maps of the memory term alone (Packd's upsampling, blur and max)."""
-    from anomalib_dskd.components.rd.anomaly_map import upsample_and_sum
-
+    """Image scores and maps of the memory term alone (``PackdModel.score``: upsampling, blur and max)."""
     torch_model = model.model.eval()
     scores, maps = [], []
     for start in range(0, len(images), chunk):
         batch = model.pre_processor.transform(images[start : start + chunk])
-        features = torch_model.teacher(batch)[:3]
-        level_maps = torch_model.support_distance_maps(features)
-        anomaly_map = torch_model.anomaly_map_generator.blur(upsample_and_sum(level_maps, torch_model.input_size))
-        scores.append(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1))
-        maps.append(anomaly_map.reshape(-1, 1, *images.shape[-2:]))
+        output = torch_model.score(torch_model.support_distance_maps(torch_model.teacher(batch)[:3]))
+        scores.append(output.pred_score.reshape(-1))
+        maps.append(output.anomaly_map.reshape(-1, 1, *images.shape[-2:]))
     return torch.cat(scores), torch.cat(maps)
 
 
@@ -88,23 +84,25 @@ def main(argv: list[str] | None = None) -> int:
                              pre_processor=Packd.configure_pre_processor((args.image_size,) * 2),
                              visualizer=False, evaluator=False, post_processor=False).eval()
     rows: list[dict[str, Any]] = []
-    jobs = [(spec, k, draw) for spec in args.target for k in args.k for draw in range(args.draws)]
-    test_sets: dict[str, tuple] = {}
-    for spec, k, draw in tqdm(jobs, desc="memory ablation (target, k, draw)"):
-        if spec not in test_sets:
-            test_sets[spec] = load_test_set(parse_specs(spec)[0], args.image_size)
-        images, masks, labels = test_sets[spec]
-        datamodule = FewShotDataModule(train_sources=[], target=spec, k_shot=k, seed=args.seed,
-                                       image_size=(args.image_size,) * 2, num_support_draws=args.draws)
-        datamodule.setup()
-        supports = datamodule.support_images(draw)
-        for name, model in models.items():
-            model.set_support(supports)
-            scores, maps = memory_scores(model, images)
-            row = {"model": name, "target": parse_specs(spec)[0]["category"], "k": k, "draw": draw,
-                   **raw_metrics(scores, maps, labels, masks)}
-            rows.append(row)
-            tqdm.write(json.dumps(row))
+    progress = tqdm(total=len(args.target) * len(args.k) * args.draws, desc="memory ablation (target, k, draw)")
+    for spec in args.target:
+        target = parse_specs(spec)[0]
+        images, masks, labels = load_test_set(target, args.image_size)
+        for k in args.k:
+            datamodule = FewShotDataModule(train_sources=[], target=spec, k_shot=k, seed=args.seed,
+                                           image_size=(args.image_size,) * 2, num_support_draws=args.draws)
+            datamodule.setup()
+            for draw in range(args.draws):
+                supports = datamodule.support_images(draw)
+                for name, model in models.items():
+                    model.set_support(supports)
+                    scores, maps = memory_scores(model, images)
+                    row = {"model": name, "target": target["category"], "k": k, "draw": draw,
+                           **raw_metrics(scores, maps, labels, masks)}
+                    rows.append(row)
+                    progress.write(json.dumps(row))
+                progress.update()
+    progress.close()
     summary = []
     print("\n| target | k | " + " | ".join(args.variants) + " |\n|---|---|" + "---|" * len(args.variants))
     for spec in args.target:

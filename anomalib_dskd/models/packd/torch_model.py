@@ -270,6 +270,10 @@ class PackdModel(nn.Module):
         teacher_features = self.teacher(images)[:3]
         student_features = self.student(teacher_features, prototypes)
         maps = cosine_distance_maps(teacher_features, student_features) + self.support_distance_maps(teacher_features, banks)
+        return self.score(maps)
+
+    def score(self, maps: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Anomaly map (level maps upsampled to the input size, summed, blurred) and its maximum as the score."""
         anomaly_map = self.anomaly_map_generator.blur(upsample_and_sum(maps, self.input_size))
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
