@@ -304,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
                     model, adapt = adapt_rd(args, supports)
                 else:
                     raise SystemExit(f"unknown model {name}")
-                weight = packd.model.support_score_weight if packd is not None else None
+                saved = (packd.model.support_score_weight, packd.model.image_score) if packd is not None else None
                 if name == "packd-distill":
-                    packd.model.support_score_weight = 0.0
+                    packd.model.support_score_weight, packd.model.image_score = 0.0, "map"
                 try:
                     scores, maps = predict(model.model, model.pre_processor.transform, images)
                 finally:
                     if packd is not None:
-                        packd.model.support_score_weight = weight
+                        packd.model.support_score_weight, packd.model.image_score = saved
                 metrics = raw_metrics(scores, maps, labels, masks)
                 row = {"model": name, "k": k, "draw": draw, "adapt_s": adapt, **metrics}
                 if name.startswith("packd"):

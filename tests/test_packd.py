@@ -109,8 +109,11 @@ def test_prototypes_change_the_student_only_after_the_zero_init_is_left() -> Non
 def test_peim_levels_validation() -> None:
     from anomalib_dskd.models.packd import PackdModel
 
-    model = PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(1, 2, 3))
+    model = PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(1, 2, 3),
+                       support_score_levels=(2, 3))
     assert model.teacher.layers == (1, 2, 3)
+    # a level-4 support memory needs the teacher's next stage even when the PEIM does not
+    assert PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(1, 2, 3)).teacher.layers == (1, 2, 3, 4)
     assert len(model.peim.integrators) == 3
     with pytest.raises(ValueError, match="peim_levels"):
         PackdModel(BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), peim_levels=(2, 5))
@@ -315,11 +318,12 @@ def test_foreign_supports_change_the_target_scores(trained: dict, few_shot_root:
         with torch.no_grad():
             return model.model(batch).pred_score
 
-    weight = model.model.support_score_weight
+    weight, image_score = model.model.support_score_weight, model.model.image_score
     try:
         changes = {}
         for value in (weight, 0.0):
             model.model.support_score_weight = value
+            model.model.image_score = image_score if value else "map"  # weight 0: the distillation map alone
             own, foreign = scores("dd"), scores("aa")
             changes[value] = float((foreign - own).abs().mean() / own.std())
             if value:
@@ -327,7 +331,7 @@ def test_foreign_supports_change_the_target_scores(trained: dict, few_shot_root:
         assert changes[weight] >= 0.25, changes
         assert changes[0.0] < 0.1, changes  # the paper's score alone barely depends on the supports
     finally:
-        model.model.support_score_weight = weight
+        model.model.support_score_weight, model.model.image_score = weight, image_score
         model.set_support(few_shot_root / "dd" / "train" / "good")
 
 
@@ -347,6 +351,8 @@ def test_support_memory_scores_and_loads_any_k() -> None:
     assert memory([torch.randn(1, 8, 5, 5)])[0].mean() > 0.05
     with pytest.raises(ValueError, match="support_score_levels"):
         check_support_levels([0, 2])
+    with pytest.raises(ValueError, match="support_score_levels"):
+        check_support_levels([2, 5])
     model = PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE)).eval()
     model.set_support(torch.rand(2, 3, SIZE, SIZE))
     other = PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE)).eval()
@@ -361,6 +367,79 @@ def test_support_memory_scores_and_loads_any_k() -> None:
     assert torch.allclose(direct, model(query).anomaly_map, atol=1e-6)
     with pytest.raises(ValueError, match="support_score_weight"):
         PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), support_score_weight=-1)
+
+
+def test_memory_image_score_keeps_the_fused_map() -> None:
+    """``image_score="memory"``: the map is the fusion, the image score the maximum of the memory term alone."""
+    from anomalib_dskd.components.rd.anomaly_map import upsample_and_sum
+    from anomalib_dskd.models.packd.torch_model import PackdModel
+
+    torch.manual_seed(0)
+    kwargs = {"backbone": BACKBONE, "pre_trained": False, "input_size": (SIZE, SIZE), "support_score_weight": 0.7}
+    memory_scored = PackdModel(**kwargs, image_score="memory").eval()
+    map_scored = PackdModel(**kwargs, image_score="map").eval()
+    map_scored.load_state_dict(memory_scored.state_dict())
+    supports, query = torch.rand(3, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
+    memory_scored.set_support(supports)
+    map_scored.set_support(supports)
+    with torch.no_grad():
+        ours, fused = memory_scored(query), map_scored(query)
+        memory_map = memory_scored.anomaly_map_generator.blur(
+            upsample_and_sum(memory_scored.support_distance_maps(memory_scored.teacher(query)), (SIZE, SIZE)))
+    torch.testing.assert_close(ours.anomaly_map, fused.anomaly_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.pred_score, memory_map.amax(dim=(-2, -1)).reshape(-1))
+    assert (fused.pred_score - ours.pred_score).abs().min() > 1e-3  # the distillation term is not in the score
+    with pytest.raises(ValueError, match="image_score='memory'"):
+        PackdModel(**kwargs | {"support_score_weight": 0.0}, image_score="memory")
+
+
+@pytest.mark.parametrize("normalisation", ["zscore", "centred"])
+def test_score_normalisation_standardises_the_supports_own_maps(normalisation: str) -> None:
+    """Each term of the normalised score has mean 0 and std 1 over the supports' leave-one-out maps.
+
+    The statistics are recomputed here from the definition (each support a query, its memory map against
+    the others), independently of ``support_statistics``; a wrong sign, a missing leave-one-out (the
+    memory map of a support against itself is 0 everywhere), or a weight applied twice all move the
+    standardised maps' mean or std far from (0, 1), not by the 1e-4 this test allows.
+    """
+    from anomalib_dskd.components.rd.anomaly_map import cosine_distance_maps, upsample_and_sum
+    from anomalib_dskd.models.packd.torch_model import PackdModel, SupportError
+
+    torch.manual_seed(0)
+    model = PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), support_score_weight=0.5,
+                       support_score_levels=(2, 3, 4), score_normalisation=normalisation).eval()
+    supports, query = torch.rand(3, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
+    model.set_support(supports)
+    with torch.no_grad():
+        features = model.teacher(supports)
+        prototypes = [p.unsqueeze(0).expand(3, -1, -1) for p in model.cached_prototypes]
+        blur = model.anomaly_map_generator.blur
+        distill = blur(upsample_and_sum(cosine_distance_maps(features[:3], model.student(features[:3], prototypes)), (SIZE, SIZE)))
+        memory = []
+        for i in range(3):
+            others = [j for j in range(3) if j != i]
+            banks = model.support_memory.build([features[level - 1][others] for level in (2, 3, 4)])
+            memory.append(blur(upsample_and_sum(model.support_memory([features[level - 1][i : i + 1] for level in (2, 3, 4)], banks), (SIZE, SIZE))))
+        memory = torch.cat(memory)
+    assert memory.min() > 0.01  # leave-one-out: a support's map against itself would be 0
+    for index, term in enumerate((distill, memory)):
+        standard = term / model.score_scales[index]
+        assert standard.std() == pytest.approx(1.0, abs=1e-4)
+    # the shift is the weighted mean of the standardised terms (per pixel for "centred")
+    means = [(t / model.score_scales[i]).mean(dim=0, keepdim=True) for i, t in enumerate((distill, memory))]
+    expected = means[0] + 0.5 * means[1]
+    expected = expected if normalisation == "centred" else expected.mean().reshape(1, 1, 1, 1)
+    assert model.score_shift.shape == expected.shape
+    assert torch.allclose(model.score_shift, expected, atol=1e-4)
+    # a checkpoint of the normalised model loads into a fresh one and scores the same
+    other = PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), support_score_weight=0.5,
+                       support_score_levels=(2, 3, 4), score_normalisation=normalisation).eval()
+    other.load_state_dict(model.state_dict())
+    assert torch.allclose(other(query).anomaly_map, model(query).anomaly_map, atol=1e-6)
+    with pytest.raises(SupportError, match="at least 2 support images"):
+        model.set_support(supports[:1])
+    with pytest.raises(ValueError, match="score_normalisation must be one of"):
+        PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), score_normalisation="minmax")
 
 
 def test_plain_batch_episodes_never_use_the_query() -> None:

@@ -111,8 +111,16 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             query position scored by ``1 - cos`` to its nearest support feature, the distillation
             map's own units). ``0`` is the paper's score, the distillation map alone. Defaults to
             ``1`` (why: ``docs/models/packd.md``, "Support memory").
-        support_score_levels: teacher levels (1-3) of the support memory. Defaults to ``(2, 3)``
-            (PatchCore's).
+        support_score_levels: teacher levels of the support memory (1-3 the distilled stages, 4 the
+            teacher's next stage). Defaults to ``(2, 3, 4)``, chosen by the leave-one-target-out
+            selection of ``docs/models/packd.md`` ("Which score").
+        score_normalisation: how the distillation and memory maps are put on one scale before they
+            are added: ``"none"`` (raw ``1 - cos``), ``"zscore"`` (each divided by its spread on the
+            supports' own leave-one-out maps, means removed) or ``"centred"`` (the supports' per-pixel
+            mean map removed). See :class:`~anomalib_dskd.models.packd.torch_model.PackdModel`.
+            Defaults to ``"none"``.
+        image_score: ``"memory"``: the image score is the maximum of the support-memory term, the
+            anomaly map the fusion; ``"map"``: the maximum of the anomaly map. Defaults to ``"memory"``.
         loss_mode: RD cosine loss mode, ``"flatten"`` (as Rd) or ``"pixel"``.
         contrastive_weight: weight of the contrastive distillation loss. Defaults to ``0.1``.
         orthogonality_weight: weight of the prototype orthogonality loss. Defaults to ``0.1``.
@@ -148,7 +156,9 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         num_prototypes: int = 8,
         attention_dim: int = 64,
         support_score_weight: float = 1.0,
-        support_score_levels: Sequence[int] = (2, 3),
+        support_score_levels: Sequence[int] = (2, 3, 4),
+        score_normalisation: str = "none",
+        image_score: str = "memory",
         loss_mode: str = "flatten",
         contrastive_weight: float = 0.1,
         orthogonality_weight: float = 0.1,
@@ -182,6 +192,8 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             attention_dim=attention_dim,
             support_score_weight=support_score_weight,
             support_score_levels=support_score_levels,
+            score_normalisation=score_normalisation,
+            image_score=image_score,
         )
         self.loss = PackdLoss(loss_mode, contrastive_weight, orthogonality_weight, temperature, support_negatives)
         if int(k_shot) < 1:

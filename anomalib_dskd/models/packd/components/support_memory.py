@@ -29,12 +29,13 @@ from torch import nn
 
 
 def check_support_levels(levels: Sequence[int]) -> tuple[int, ...]:
-    """Validate support-memory levels (distinct values among 1, 2, 3; may be empty) and sort them."""
+    """Validate support-memory levels (distinct values among 1-4, 4 = the teacher's next stage; may be empty)."""
     values = tuple(sorted({int(level) for level in levels}))
-    if any(level not in {1, 2, 3} for level in values) or len(values) != len(levels):
+    if any(level not in {1, 2, 3, 4} for level in values) or len(values) != len(levels):
         msg = (
-            f"support_score_levels must be distinct teacher levels among 1, 2, 3, got {list(levels)}: "
-            "use for instance [2, 3] (PatchCore's layers) or [] to score with the distillation map only."
+            f"support_score_levels must be distinct teacher levels among 1, 2, 3, 4 (4 = the stage after the "
+            f"distilled ones), got {list(levels)}: use for instance [2, 3] (PatchCore's layers) or [] to score "
+            "with the distillation map only."
         )
         raise ValueError(msg)
     return values
@@ -45,7 +46,7 @@ class SupportMemory(nn.Module):
 
     Args:
         channels: teacher channels of each memory level (in the order of ``levels``).
-        levels: teacher levels (1-3, the distilled stages) the memory keeps. Only used for names.
+        levels: teacher levels (1-3 the distilled stages, 4 the next one) the memory keeps. Only used for names.
         neighbourhood: side of the average-pooling window applied to query and support features
             (``1`` disables it). Defaults to ``3`` (PatchCore).
 
