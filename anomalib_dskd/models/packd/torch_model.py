@@ -112,21 +112,21 @@ class PackdModel(nn.Module):
     ) -> None:
         super().__init__()
         self.score_normalisation = check_score_normalisation(score_normalisation)
+        if not float(support_score_weight) >= 0:
+            msg = f"support_score_weight must be a number >= 0 (0 = distillation map only), got {support_score_weight}."
+            raise ValueError(msg)
+        self.support_score_weight = float(support_score_weight)
+        self.support_score_levels = check_support_levels(support_score_levels) if self.support_score_weight else ()
         if image_score not in IMAGE_SCORES:
             msg = f"image_score must be one of {list(IMAGE_SCORES)}, got {image_score!r}."
             raise ValueError(msg)
-        if image_score == "memory" and not (float(support_score_weight) > 0 and len(support_score_levels)):
+        if image_score == "memory" and not self.support_score_levels:
             msg = (
                 "image_score='memory' scores images by the support memory, which support_score_weight=0 or "
                 "support_score_levels=[] switches off: use image_score='map' for the distillation score alone."
             )
             raise ValueError(msg)
         self.image_score = image_score
-        if not float(support_score_weight) >= 0:
-            msg = f"support_score_weight must be a number >= 0 (0 = distillation map only), got {support_score_weight}."
-            raise ValueError(msg)
-        self.support_score_weight = float(support_score_weight)
-        self.support_score_levels = check_support_levels(support_score_levels) if self.support_score_weight else ()
         layers = tuple(int(layer) for layer in layers)
         if len(layers) != 3:
             msg = f"Packd distils three teacher stages (PEIM levels 1-3), got layers={list(layers)}."
@@ -165,9 +165,11 @@ class PackdModel(nn.Module):
         for index in range(len(self.peim_levels)):
             self.register_buffer(f"prototypes_{index}", torch.zeros(num_prototypes, attention_dim))
         # score_normalisation's statistics: (distillation std, memory std) and the shift subtracted from
-        # the blurred sum ((1, 1, 1, 1) for "zscore", the (1, 1, H, W) mean map for "centred").
-        self.register_buffer("score_scales", torch.ones(2))
-        self.register_buffer("score_shift", torch.zeros(1, 1, 1, 1))
+        # the blurred sum ((1, 1, 1, 1) for "zscore", the (1, 1, H, W) mean map for "centred"). Unused, and
+        # not saved, with "none": checkpoints of the default model keep the keys they had before.
+        normalised = self.score_normalisation != "none"
+        self.register_buffer("score_scales", torch.ones(2), persistent=normalised)
+        self.register_buffer("score_shift", torch.zeros(1, 1, 1, 1), persistent=normalised)
         self.register_buffer("support_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("support_shots", torch.zeros((), dtype=torch.long))
         self._support_ready = False
@@ -247,7 +249,8 @@ class PackdModel(nn.Module):
             for index in range(shots):
                 others = [other for other in range(shots) if other != index]
                 banks = self.support_memory.build([level[others] for level in memory_features])
-                maps.append(upsample_and_sum(self.support_memory([level[index : index + 1] for level in memory_features], banks), self.input_size))
+                level_maps = self.support_memory([level[index : index + 1] for level in memory_features], banks)
+                maps.append(upsample_and_sum(level_maps, self.input_size))
             terms.append(blur(torch.cat(maps)))
             weights.append(self.support_score_weight)
         scales = torch.ones(2, device=terms[0].device)
