@@ -302,9 +302,10 @@ def test_foreign_supports_change_the_target_scores(trained: dict, few_shot_root:
     Measure: the mean absolute change of the target's test-image scores divided by the spread (std) of
     those scores with the right supports. A change of a quarter of the spread or more reorders the
     ranking of the target's images; the bound (0.25) is fixed by that meaning, not fitted: this run
-    measured 0.51 with the support memory and 0.003 with the paper's score (``support_score_weight=0``,
-    the design before the memory) on the same weights, so the check fails on that design by two orders
-    of magnitude, which is asserted too. Foreign supports must also make the target look more
+    measured 0.51 with the fused score (the support memory's first design), 1.94 with the default
+    (``image_score="memory"``) and 0.003-0.005 with the paper's score (``support_score_weight=0``, the
+    design before the memory) on the same weights, so the check fails on that design by two orders of
+    magnitude, which is asserted too. Foreign supports must also make the target look more
     anomalous (higher scores) for most of its images.
     """
     from anomalib.data.utils.image import read_image
