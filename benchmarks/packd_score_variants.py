@@ -161,12 +161,10 @@ def variant_maps(query: dict[str, torch.Tensor], support: dict[str, torch.Tensor
 def score_supports(torch_model: Any, supports: torch.Tensor, levels: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The supports' own components: ``D`` with the cached prototypes, ``M_l`` against the other supports."""
     features = torch_model.teacher(supports)
-    per_level = {level: torch_model.support_memory._aggregate(features[level - 1]) for level in levels}
     loo = []
     for index in range(len(supports)):
         keep = [j for j in range(len(supports)) if j != index]
-        loo.append({level: per_level[level][keep].permute(0, 2, 3, 1).reshape(-1, per_level[level].shape[1])
-                    for level in levels})
+        loo.append({level: torch_model.support_memory.build([features[level - 1][keep]])[0] for level in levels})
     return components(torch_model, supports, dict.fromkeys(levels), memory_banks_per_image=loo)
 
 
