@@ -388,6 +388,25 @@ def rescore(args: argparse.Namespace, name: str, data: dict[str, Any], results: 
     args.out.write_text(json.dumps({**previous, "rescore_commands": rescores, "results": results}, indent=1))
 
 
+@torch.no_grad()
+def linear_rank_bound(model: Any, images: torch.Tensor, n_patches: int = 4096) -> float:  # noqa: ANN401
+    """Held-out fraction left by the best rank-``feature_dim`` linear reconstruction of the teacher targets.
+
+    Local-Net's ``feature_dim``-d feature reaches the targets only through the linear decoder, so no
+    Local-Net can do better than the targets' own top principal components: fitted on ``n_patches``
+    fresh training patches, applied to the held-out patches, as a fraction of the zero-predictor baseline.
+    """
+    teacher = model.model.teacher
+    patches = model._sample_patches(images, n_patches)  # noqa: SLF001
+    targets = torch.cat([teacher(chunk) for chunk in patches.split(256)])
+    mean = targets.mean(0)
+    rank = min(model.model.local_net.feature_dim, targets.shape[1])
+    basis = torch.linalg.svd(targets - mean, full_matrices=False)[2][:rank].T
+    heldout = model._heldout[1]  # noqa: SLF001
+    reconstructed = (heldout - mean) @ basis @ basis.T + mean
+    return float((reconstructed - heldout).square().sum(-1).mean()) / float(heldout.square().sum(-1).mean())
+
+
 def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
     """Stage 1 alone (Local-Net distillation) with each compactness variant; held-out fraction over time.
 
@@ -395,8 +414,13 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
     (the default ``lambda_c_warmup = (0.25, 0.5)``), ``balanced`` (``lambda_c = 1`` on ``L_c`` scaled by the
     detached mean feature std, which makes its gradient independent of the feature scale). Everything else
     is shared: same seed, teacher statistics, held-out patches (``Glance``'s own, 256 patches drawn at the
-    first step) and batches of ``--stage1-batch-size`` patches.
+    first step) and batches of ``--stage1-batch-size`` patches. ``--set KEY=VALUE`` overrides Glance arguments
+    (e.g. ``--set teacher_features=head --set standardise_local_input=false``, the settings before issue #15's
+    second round). Each row also gives ``rank_bound_fraction`` (:func:`linear_rank_bound`): the held-out
+    fraction no Local-Net of that feature dimension can beat through a linear decoder.
     """
+    import yaml
+
     from anomalib_dskd import Glance, Rd
     from anomalib_dskd.models.glance.loss import compactness_loss, knowledge_distillation_loss
 
@@ -413,6 +437,8 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
         if args.teacher_std_floor is not None:
             kwargs["teacher_std_floor"] = args.teacher_std_floor
         kwargs["standardise_decoder_input"] = args.stage1_decoder == "standardised"
+        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+        kwargs.update(overrides)
         model = Glance(**kwargs)
         if args.stage1_init == "kaiming":
             for conv in (model.model.local_net.conv1, model.model.local_net.conv2, model.model.local_net.conv3,
@@ -445,7 +471,14 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
                 history.append(row)
                 print(f"   {variant}: {row}", flush=True)
         baseline = float(model._heldout[1].square().sum(dim=-1).mean())  # noqa: SLF001
+        bound = linear_rank_bound(model, images)
+        print(f"   {variant}: best rank-{model.model.local_net.feature_dim} linear reconstruction of the targets "
+              f"leaves {bound:.4f} of the held-out baseline", flush=True)
         rows.append({"dataset": name, "variant": variant, "decoder": args.stage1_decoder,
+                     "overrides": overrides, "teacher_features": model.model.teacher.feature_layer,
+                     "teacher_dim": model.model.teacher.feature_dim,
+                     "standardise_local_input": model.standardise_local_input,
+                     "rank_bound_fraction": round(bound, 4),
                      "steps": args.stage1_steps, "lr_local": args.stage1_lr,
                      "batch_size": args.stage1_batch_size, "teacher_std_floor": model.teacher_std_floor,
                      "init": args.stage1_init, "heldout_baseline": round(baseline, 1),
@@ -456,7 +489,8 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
         print(f"== {variant}: held-out fraction {history[-1]['heldout_fraction']}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
-        key = ("dataset", "variant", "decoder", "steps", "lr_local", "teacher_std_floor", "init")
+        key = ("dataset", "variant", "decoder", "steps", "lr_local", "teacher_std_floor", "init", "teacher_features",
+               "standardise_local_input")
         previous = [r for r in previous if tuple(r.get(k) for k in key) != tuple(rows[-1][k] for k in key)]
         commands = json.loads(args.out.read_text()).get("commands", []) if args.out.exists() else []
         command = " ".join([sys.executable, *sys.argv])
@@ -468,6 +502,11 @@ def stage1_study(args: argparse.Namespace, pre_trained: bool | str) -> int:
 
 SUMMARY_MODELS = {"glance": "Glance", "glance[mixed]": "Glance", "glance[iad]": "Glance-IAD",
                   "glance[dad]": "Glance-DAD", "rd": "Rd"}
+
+
+def _mean_or_none(values: list[float | None], digits: int) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), digits) if known else None
 
 
 def write_summary(paths: list[Path], cells: Path | None, out: Path) -> None:
@@ -487,7 +526,9 @@ def write_summary(paths: list[Path], cells: Path | None, out: Path) -> None:
                 continue  # the main row duplicates glance[mixed] (same weights, same mode)
             per_key.setdefault((model, row["dataset"]), []).append(
                 {"seed": result["seed"], "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"],
-                 "aupro": row["aupro"], "fraction": row.get("local_distillation_fraction"), "source": str(path)})
+                 "aupro": row["aupro"], "fraction": row.get("local_distillation_fraction"),
+                 "images_per_s": row.get("images_per_s"), "train_seconds": row.get("train_seconds"),
+                 "source": str(path)})
     if cells is not None:
         datasets = sorted({dataset for _, dataset in per_key})
         for model in ("Rd", "Padim"):
@@ -502,7 +543,9 @@ def write_summary(paths: list[Path], cells: Path | None, out: Path) -> None:
                     per_key.setdefault((model, dataset), []).append(
                         {"seed": data["seed"], "image_auroc": metrics["image_AUROC"],
                          "pixel_auroc": metrics["pixel_AUROC"], "aupro": metrics["AUPRO"], "fraction": None,
-                         "source": str(cell)})
+                         # the whole Engine.test pass (data loading, post-processing, metrics included)
+                         "images_per_s": data["data"]["test_images"] / data["timing"]["test_s"],
+                         "train_seconds": data["timing"]["train_s"], "source": str(cell)})
     rows = []
     for (model, dataset), entries in sorted(per_key.items()):
         values = [e["image_auroc"] for e in entries]
@@ -516,6 +559,8 @@ def write_summary(paths: list[Path], cells: Path | None, out: Path) -> None:
             "local_distillation_fraction_max": round(max(fractions), 4) if model.startswith("Glance") else None,
             "pixel_auroc_mean": round(statistics.mean(e["pixel_auroc"] for e in entries), 4),
             "aupro_mean": round(statistics.mean(e["aupro"] for e in entries), 4),
+            "images_per_s_mean": _mean_or_none([e["images_per_s"] for e in entries], 3),
+            "train_seconds_mean": _mean_or_none([e["train_seconds"] for e in entries], 1),
             "sources": sorted({e["source"] for e in entries}),
         })
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,6 +205,7 @@ def test_dense_local_grid_equals_per_patch_local_net() -> None:
     _randomise(model.local_net)
     assert model.dense_local and bool((model.corners % 2 == 0).all())
     images = torch.randn(2, 3, *SIZE)
+    model.local_net.set_input_statistics(0.3 * images - 1.5)  # not the identity: both paths must standardise
     with torch.no_grad():
         fast = model.grid_local_features(images, fast=True)
         reference = model.grid_local_features(images, fast=False)
@@ -333,15 +334,89 @@ def test_checkpoint_without_the_new_buffers_loads_and_scores_as_before() -> None
     for module in (old.local_net, old.global_net, old.dad):
         _randomise(module)
     state = old.state_dict()
-    for key in ("score_mean", "score_std", "score_statistics_patches", "local_distillation_fraction"):
-        del state[key]  # a checkpoint written before score standardisation
+    for key in ("score_mean", "score_std", "score_statistics_patches", "local_distillation_fraction",
+                "local_net.input_mean", "local_net.input_std"):
+        del state[key]  # a checkpoint written before score standardisation and input standardisation
     new = GlanceModel(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=3, teacher_input_size=33).eval()
     new.load_state_dict(state)  # strict
     assert not new.has_score_statistics and torch.isnan(new.local_distillation_fraction)
+    assert torch.equal(new.local_net.input_std, torch.ones(1, 3, 1, 1))  # identity: Local-Net as before
     images = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         s_iad, s_dad = new.head_scores(images)
         torch.testing.assert_close(new.patch_scores(images), 0.8 * s_iad + 0.2 * s_dad)  # the raw paper formula
+    # a checkpoint of the classifier's 1280-d pre-logits feature (the default before teacher_features existed)
+    head = GlanceModel(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=3, teacher_input_size=33,
+                       teacher_features="head")
+    with pytest.raises(GlanceConfigError, match="teacher_features='head'"):
+        new.load_state_dict(head.state_dict())
+    GlanceModel(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=3, teacher_input_size=33,
+                teacher_features="head").load_state_dict(head.state_dict())
+
+
+def test_local_net_input_standardisation_removes_the_exposure() -> None:
+    """With its input statistics set, Local-Net sees a dark, low-contrast copy of the images as the original."""
+    torch.manual_seed(0)
+    net = LocalNet()
+    _randomise(net, scale=0.05)
+    patches = torch.randn(6, 3, 33, 33) * torch.tensor([1.0, 0.8, 1.2]).view(1, 3, 1, 1)
+    dark = 0.2 * patches - 1.8  # tire's ImageNet-normalised statistics: mean -1.8, std ~0.2
+    with torch.no_grad():
+        raw_gap = float((net(dark) - net(patches)).abs().max())
+        net.set_input_statistics(patches)
+        reference = net(patches)
+        net.set_input_statistics(dark)
+        standardised = net(dark)
+    assert raw_gap > 0.1 * float(reference.abs().max())  # without the statistics the exposure matters
+    torch.testing.assert_close(standardised, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    torch.testing.assert_close(net.input_mean.flatten(), dark.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(net.input_std.flatten(), dark.std(dim=(0, 2, 3)))
+    with pytest.raises(ValueError, match="constant"):
+        net.set_input_statistics(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        net.set_input_statistics(torch.zeros(2, 8, 8))
+
+
+def test_first_iteration_sets_the_input_statistics_unless_disabled(generated_256: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = _glance()
+    model.local_stage_losses(generated_256, step=0)
+    mean = model.model.local_net.input_mean.flatten()
+    assert not torch.allclose(mean, torch.zeros(3)) and not torch.allclose(model.model.local_net.input_std, torch.ones(1))
+    # the teacher-statistics patches of the training images: close to the images' own pixel statistics
+    torch.testing.assert_close(mean, generated_256.mean(dim=(0, 2, 3)), atol=0.15, rtol=0.0)
+    off = _glance(standardise_local_input=False)
+    off.local_stage_losses(generated_256, step=0)
+    assert torch.equal(off.model.local_net.input_mean, torch.zeros(1, 3, 1, 1))
+    assert torch.equal(off.model.local_net.input_std, torch.ones(1, 3, 1, 1))
+
+
+def test_teacher_feature_layers() -> None:
+    """``"stage"`` = pooled last feature stage; ``"head"`` = the classifier's pre-logits (MobileNetV2's 1x1 head)."""
+    from anomalib_dskd.models.glance.components import PatchTeacher
+
+    torch.manual_seed(0)
+    stage = PatchTeacher("mobilenetv2_100", pre_trained=False, input_size=33)
+    head = PatchTeacher("mobilenetv2_100", pre_trained=False, input_size=33, feature_layer="head")
+    assert (stage.feature_layer, stage.feature_dim, head.feature_dim) == ("stage", 320, 1280)
+    head.model.load_state_dict(stage.model.state_dict(), strict=False)  # the same backbone weights
+    patches = torch.randn(4, 3, 33, 33)
+    with torch.no_grad():
+        blocks = head.model.blocks(head.model.bn1(head.model.conv_stem(patches)))
+        torch.testing.assert_close(stage.raw_features(patches), blocks.mean(dim=(2, 3)))
+        torch.testing.assert_close(head.raw_features(patches), head.model(patches))
+    # ResNet-18 (the paper's teacher): the stage feature is the paper's pooled 512-d feature
+    resnet_stage = PatchTeacher("resnet18", pre_trained=False, input_size=64)
+    resnet_head = PatchTeacher("resnet18", pre_trained=False, input_size=64, feature_layer="head")
+    resnet_head.model.load_state_dict(resnet_stage.model.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(resnet_stage.raw_features(patches), resnet_head.raw_features(patches))
+    model = _glance()
+    assert model.model.decoder.out_features == 320
+    with pytest.raises(GlanceConfigError, match="teacher_features"):
+        _glance(teacher_features="pooled")
+    with pytest.raises(TeacherBackboneError, match="feature_layer"):
+        PatchTeacher("mobilenetv2_100", pre_trained=False, input_size=33, feature_layer="pooled")
 
 
 def test_compactness_loss_is_the_off_diagonal_correlation_sum() -> None:

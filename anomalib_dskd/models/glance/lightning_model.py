@@ -63,7 +63,7 @@ from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
 
-from .components import GlanceConfigError, GlanceInputSizeError
+from .components import TEACHER_FEATURE_LAYERS, GlanceConfigError, GlanceInputSizeError
 from .loss import GlanceLoss, knowledge_distillation_loss
 from .torch_model import SCORE_MODES, GlanceModel
 
@@ -87,6 +87,17 @@ class Glance(Int8Export, AnomalibModule):
             teacher (smoke tests only); a path loads a local checkpoint (timm / torchvision / lukemelas
             layout, see ``docs/weights.md``).
         teacher_input_size: Side the 33x33 patch is resized to before the teacher. Defaults to ``64``.
+        teacher_features: Which pooled teacher feature Local-Net distils: ``"stage"``, the global average
+            of the teacher's last feature stage (512-d for the paper's ResNet-18, 320-d for MobileNetV2), or
+            ``"head"``, the classifier's pre-logits feature (the same for ResNet-18; for MobileNetV2 the
+            1280-d output of its 1x1 expansion head, whose best rank-128 linear reconstruction leaves 32 %
+            of the held-out variance on tire, against 6 % for the stage feature: Local-Net's 128-d feature
+            cannot distil it). Defaults to ``"stage"``.
+        standardise_local_input: Standardise Local-Net's input per colour channel with the mean / std of
+            the pixels of the teacher-statistics patches (first iteration; persistent buffers, exported).
+            On a dark product (tire: ImageNet-normalised mean -1.8, std 0.22) Local-Net's features
+            otherwise start ~100x smaller than the teacher's targets need and distillation stalls
+            (measured in ``docs/models/glance.md``, Stage 1). Defaults to ``True``.
         teacher_std_floor: Floor of the teacher-feature standardisation, relative to the median channel
             std: ``std_c = max(std_c, teacher_std_floor * median(std))``. Channels that are almost
             constant on the statistics patches otherwise give targets of hundreds of standard deviations
@@ -171,7 +182,7 @@ class Glance(Int8Export, AnomalibModule):
         PatchGridError: The grid has more patches per side than distinct positions.
         TeacherBackboneError: Unknown or unsuitable teacher backbone.
         TeacherWeightsError: A local checkpoint that does not fit the backbone.
-        GlanceConfigError: Negative stage lengths or loss weights, ``global_steps`` without
+        GlanceConfigError: An unknown ``teacher_features``, negative stage lengths or loss weights, ``global_steps`` without
             ``local_steps``, fractions outside their range, batch sizes < 2, bad stain sizes or score mode;
             at the start of training, a trainer without a finite budget (no ``max_steps`` / ``max_epochs``)
             while the schedule follows the trainer.
@@ -182,6 +193,8 @@ class Glance(Int8Export, AnomalibModule):
         backbone: str = "resnet18",
         pre_trained: bool | str = True,
         teacher_input_size: int = 64,
+        teacher_features: str = "stage",
+        standardise_local_input: bool = True,
         teacher_std_floor: float = 0.1,
         feature_dim: int = 128,
         local_steps: int | None = None,
@@ -263,6 +276,9 @@ class Glance(Int8Export, AnomalibModule):
         if score_mode not in SCORE_MODES:
             msg = f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}"
             raise GlanceConfigError(msg)
+        if teacher_features not in TEACHER_FEATURE_LAYERS:
+            msg = f"teacher_features must be one of {TEACHER_FEATURE_LAYERS}, got {teacher_features!r}"
+            raise GlanceConfigError(msg)
         if score_normalisation not in SCORE_NORMALISATIONS:
             msg = f"score_normalisation must be one of {SCORE_NORMALISATIONS}, got {score_normalisation!r}"
             raise GlanceConfigError(msg)
@@ -288,7 +304,9 @@ class Glance(Int8Export, AnomalibModule):
             max_stains=max_stains,
             fast_inference=fast_inference,
             standardise_decoder_input=standardise_decoder_input,
+            teacher_features=teacher_features,
         )
+        self.standardise_local_input = bool(standardise_local_input)
         self.loss = GlanceLoss(lambda_k, lambda_c, lambda_t)
         self.teacher_std_floor = float(teacher_std_floor)
         self.fixed_local_steps = None if local_steps is None else int(local_steps)
@@ -543,7 +561,10 @@ class Glance(Int8Export, AnomalibModule):
                 model.teacher.set_statistics(
                     torch.cat([model.teacher.raw_features(chunk) for chunk in stats.split(256)]),
                     std_floor=self.teacher_std_floor)
-            logger.info("Glance: teacher features standardised with %d patches", len(stats))
+                if self.standardise_local_input:
+                    model.local_net.set_input_statistics(stats)
+            logger.info("Glance: teacher features%s standardised with %d patches",
+                        " and Local-Net's input" if self.standardise_local_input else "", len(stats))
         if self._heldout is None:
             with torch.no_grad():
                 patches = self._sample_patches(images, self.heldout_patches)

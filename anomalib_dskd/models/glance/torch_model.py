@@ -53,6 +53,8 @@ class GlanceModel(nn.Module):
             the nearest pixel.
         feature_dim: Local / global feature dimension (128).
         teacher_input_size: Side the 33x33 patch is resized to for the teacher.
+        teacher_features: The teacher's pooled feature: ``"stage"`` (last feature stage, default) or
+            ``"head"`` (the classifier's pre-logits), see :class:`PatchTeacher`.
         lambda_s: Weight of the IAD term in the ``"mixed"`` patch score (0.8).
         score_mode: ``"mixed"`` (default: ``lambda_s * z_IAD + (1 - lambda_s) * z_DAD``), ``"iad"``
             (``z_IAD`` only) or ``"dad"`` (``z_DAD`` only); all three use the same trained weights.
@@ -103,6 +105,7 @@ class GlanceModel(nn.Module):
         fast_inference: bool = True,
         inference_chunk: int = 4,
         standardise_decoder_input: bool = False,
+        teacher_features: str = "stage",
     ) -> None:
         super().__init__()
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -133,7 +136,7 @@ class GlanceModel(nn.Module):
             self.register_buffer(
                 "dense_index", dense_window_index(corners, self.input_size), persistent=False)
 
-        self.teacher = PatchTeacher(backbone, pre_trained, teacher_input_size)
+        self.teacher = PatchTeacher(backbone, pre_trained, teacher_input_size, feature_layer=teacher_features)
         self.local_net = LocalNet(feature_dim)
         self.decoder: nn.Module = nn.Linear(feature_dim, self.teacher.feature_dim)
         if standardise_decoder_input:
@@ -162,14 +165,25 @@ class GlanceModel(nn.Module):
         "score_std": lambda self: torch.ones_like(self.score_std),
         "score_statistics_patches": lambda self: torch.zeros_like(self.score_statistics_patches),
         "local_distillation_fraction": lambda self: torch.full_like(self.local_distillation_fraction, math.nan),
+        "local_net.input_mean": lambda self: torch.zeros_like(self.local_net.input_mean),
+        "local_net.input_std": lambda self: torch.ones_like(self.local_net.input_std),
     }
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         # Checkpoints written before score standardisation existed: mean 0 / std 1 give the raw paper
-        # formula they were scored with, and the distillation fraction is unknown (NaN).
+        # formula they were scored with, and the distillation fraction is unknown (NaN); before Local-Net's
+        # input standardisation: the identity.
         if prefix + "local_net.conv1.weight" in state_dict:
             for name, default in self._LEGACY_BUFFERS.items():
                 state_dict.setdefault(prefix + name, default(self))
+        saved = state_dict.get(prefix + "teacher.mean")
+        if saved is not None and saved.shape != self.teacher.mean.shape:
+            other = "head" if self.teacher.feature_layer == "stage" else "stage"
+            msg = (f"The checkpoint's teacher feature has {saved.shape[0]} channels, this model's "
+                   f"{self.teacher.feature_layer!r} feature of {self.teacher.backbone} has {self.teacher.feature_dim}. "
+                   f"Checkpoints written before teacher_features existed distil the classifier's pre-logits "
+                   f"feature: load them with teacher_features={other!r}.")
+            raise GlanceConfigError(msg)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -4,12 +4,13 @@ from .dad import DADHead
 from .errors import GlanceConfigError, GlanceInputSizeError, PatchGridError, TeacherBackboneError
 from .global_net import GlobalGridEvaluator, GlobalNet, check_global_input_size, hole_masks, valid_global_input_sizes
 from .grid import crop_patches, grid_corners, grid_positions, patch_index
-from .local_net import PATCH_SIZE, LocalNet, PatchTeacher
+from .local_net import PATCH_SIZE, TEACHER_FEATURE_LAYERS, LocalNet, PatchTeacher
 from .partial_conv import PartialConv2d, PartialMaxPool2d
 from .stains import StainGenerator
 
 __all__ = [
     "PATCH_SIZE",
+    "TEACHER_FEATURE_LAYERS",
     "DADHead",
     "GlanceConfigError",
     "GlanceInputSizeError",

@@ -28,6 +28,8 @@ from .errors import TeacherBackboneError
 PATCH_SIZE = 33
 #: Negative slope of Local-Net's leaky ReLUs (supplementary Table 1).
 LOCAL_SLOPE = 5e-3
+#: Values of ``PatchTeacher``'s ``feature_layer``.
+TEACHER_FEATURE_LAYERS = ("stage", "head")
 
 
 class LocalNet(nn.Module):
@@ -46,6 +48,12 @@ class LocalNet(nn.Module):
 
     Every convolution is followed by a leaky ReLU (slope 5e-3), the last one included.
 
+    The input is first standardised per colour channel with ``input_mean`` / ``input_std`` (persistent
+    buffers; identity until :meth:`set_input_statistics` is called, which Glance does at its first
+    training iteration). Images arrive ImageNet-normalised, which on a dark, low-contrast product is far
+    from zero mean and unit variance (tire: mean -1.8, std 0.22), and Local-Net's features then start two
+    orders of magnitude smaller than on a well-exposed image; see ``docs/models/glance.md``, Stage 1.
+
     Args:
         feature_dim: Output dimension. Defaults to ``128``.
     """
@@ -57,6 +65,30 @@ class LocalNet(nn.Module):
         self.conv2 = nn.Conv2d(128, 256, 5)
         self.conv3 = nn.Conv2d(256, 256, 2)
         self.conv4 = nn.Conv2d(256, self.feature_dim, 4)
+        self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.ones(1, 3, 1, 1))
+        self.input_mean: torch.Tensor
+        self.input_std: torch.Tensor
+
+    @torch.no_grad()
+    def set_input_statistics(self, pixels: torch.Tensor) -> None:
+        """Standardise the input with the per-channel mean / std of ``(N, 3, H, W)`` training pixels.
+
+        Raises:
+            ValueError: ``pixels`` is not ``(N, 3, H, W)`` or a channel is constant.
+        """
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            msg = f"input statistics need (N, 3, H, W) pixels, got shape {tuple(pixels.shape)}"
+            raise ValueError(msg)
+        std = pixels.std(dim=(0, 2, 3))
+        if not bool((std > 0).all()):
+            msg = f"a colour channel is constant over the statistics pixels (std {std.tolist()}): cannot standardise"
+            raise ValueError(msg)
+        self.input_mean.copy_(pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1))
+        self.input_std.copy_(std.view(1, 3, 1, 1))
+
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) / self.input_std
 
     @staticmethod
     def _act(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +106,7 @@ class LocalNet(nn.Module):
         if patches.shape[-2:] != (PATCH_SIZE, PATCH_SIZE):
             msg = f"Local-Net takes {PATCH_SIZE}x{PATCH_SIZE} patches, got {tuple(patches.shape[-2:])}."
             raise ValueError(msg)
-        x = self._act(self.conv1(patches))
+        x = self._act(self.conv1(self._standardise(patches)))
         x = F.max_pool2d(x, 2, 2)
         x = self._act(self.conv2(x))
         return self._head(x)
@@ -93,7 +125,7 @@ class LocalNet(nn.Module):
         """
         # channels-last throughout: max pooling is several times faster on it, and each patch window is
         # gathered as whole rows of 256 channel values
-        x = self._act(self.conv1(images.contiguous(memory_format=torch.channels_last)))
+        x = self._act(self.conv1(self._standardise(images).contiguous(memory_format=torch.channels_last)))
         x = F.max_pool2d(x, 2, 2)
         x = self._act(self.conv2(x))  # (B, 256, H2, W2)
         batch, channels = x.shape[:2]
@@ -126,33 +158,55 @@ class PatchTeacher(nn.Module):
     """Frozen ImageNet CNN that gives the distillation target of each patch.
 
     The patch (already normalised like the image) is resized to ``input_size`` and passed through the
-    timm classifier without its head; the globally pooled feature (e.g. 1280-d for MobileNetV2, 512-d
-    for the paper's ResNet-18) is standardised with per-channel statistics of the training patches
-    (as in "Uninformed Students"), which :meth:`set_statistics` stores in persistent buffers.
+    timm CNN; a globally pooled feature is standardised with per-channel statistics of the training
+    patches (as in "Uninformed Students"), which :meth:`set_statistics` stores in persistent buffers.
+
+    ``feature_layer`` picks the feature:
+
+    * ``"stage"`` (default): the global average of the last feature stage (timm ``features_only``, last
+      ``out_indices``): 512-d for the paper's ResNet-18, 320-d for MobileNetV2.
+    * ``"head"``: the classifier's pooled pre-logits feature (timm ``num_classes=0``). For ResNet-18 it is
+      the same 512-d feature; for MobileNetV2 and EfficientNet it comes after the classifier's 1x1
+      expansion convolution (320 -> 1280 channels), whose output Local-Net's 128-d feature cannot
+      carry through a linear decoder: on tire the best rank-128 linear reconstruction of those targets
+      leaves 32 % of their variance on held-out patches, against 6 % for the 320-d stage feature.
 
     Args:
         backbone: timm model name (a CNN; the paper uses ``"resnet18"``).
         pre_trained: ``True`` (timm hub), ``False`` (random, tests only) or a local checkpoint path,
             loaded by :func:`anomalib_dskd.weights.create_timm_model`.
         input_size: Side the 33x33 patch is resized to before the teacher. ``33`` feeds it as is.
+        feature_layer: ``"stage"`` or ``"head"``, see above.
 
     Raises:
-        TeacherBackboneError: Unknown timm name, or a model that cannot take ``input_size`` inputs.
+        TeacherBackboneError: Unknown timm name, an unknown ``feature_layer``, or a model that cannot
+            take ``input_size`` inputs.
     """
 
-    def __init__(self, backbone: str, pre_trained: bool | str | Path = True, input_size: int = 64) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        pre_trained: bool | str | Path = True,
+        input_size: int = 64,
+        feature_layer: str = "stage",
+    ) -> None:
         super().__init__()
         from anomalib_dskd.components.rd.teacher import check_backbone_name
         from anomalib_dskd.weights import create_timm_model
 
         check_backbone_name(backbone)
+        if feature_layer not in TEACHER_FEATURE_LAYERS:
+            msg = f"teacher feature_layer must be one of {TEACHER_FEATURE_LAYERS}, got {feature_layer!r}"
+            raise TeacherBackboneError(msg)
         self.backbone = backbone
         self.input_size = int(input_size)
+        self.feature_layer = feature_layer
+        timm_kwargs = {"num_classes": 0} if feature_layer == "head" else {"features_only": True, "out_indices": (-1,)}
         try:
-            self.model = create_timm_model(backbone, pre_trained=pre_trained, num_classes=0)
+            self.model = create_timm_model(backbone, pre_trained=pre_trained, **timm_kwargs)
             self.model.eval()
             with torch.no_grad():
-                probe = self.model(torch.zeros(1, 3, self.input_size, self.input_size))
+                probe = self._pooled(torch.zeros(1, 3, self.input_size, self.input_size))
         except (RuntimeError, AssertionError, ValueError, TypeError) as err:
             if type(err).__name__ in {"TeacherWeightsError"}:
                 raise
@@ -171,6 +225,11 @@ class PatchTeacher(nn.Module):
         self.register_buffer("std", torch.ones(self.feature_dim))
         self.register_buffer("initialized", torch.tensor(False))
 
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_layer == "head":
+            return self.model(x)
+        return self.model(x)[-1].mean(dim=(2, 3))
+
     def train(self, mode: bool = True) -> PatchTeacher:
         """The teacher always stays in eval mode (frozen batch-norm statistics)."""
         super().train(mode)
@@ -183,7 +242,7 @@ class PatchTeacher(nn.Module):
         if patches.shape[-1] != self.input_size:
             size = (self.input_size, self.input_size)
             patches = F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
-        return self.model(patches)
+        return self._pooled(patches)
 
     @torch.no_grad()
     def set_statistics(self, features: torch.Tensor, std_floor: float = 0.0) -> None:
