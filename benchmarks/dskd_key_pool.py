@@ -1,7 +1,8 @@
 """Dskd's ``global_map_key_pool`` on trained models (output of 2026-12-02: docs/benchmarks/edge/key_pool_juice_bottle.json): accuracy and map error against exact Eq. 6 scoring.
 
 Re-scores the Dskd models a benchmark run kept (``evaluation.keep_checkpoint: true``, the standard profile)
-with the shallowest global scale's keys pooled over ``k x k`` cells, for each ``--pool`` value: the Eq. 8
+with the shallowest global scale's keys pooled over ``k x k`` cells, or each scale's (``--pool 4,2,1``, shallow
+to deep), for each ``--pool`` value: the Eq. 8
 statistics are recomputed on the cell's validation images (normal ones; as ``Engine.validate`` does), then
 the cell's test set is scored on raw outputs (torch). Training is untouched (the weights are the cell's).
 
@@ -27,12 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_accuracy import _accuracy, _load_cell, _test_set  # noqa: E402
 
 
+def _pool(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, action="append", required=True)
     parser.add_argument("--dataset", action="append", default=None)
     parser.add_argument("--seed", type=int, action="append", default=None)
-    parser.add_argument("--pool", type=int, action="append", required=True, help="key pooling k (1 = exact)")
+    parser.add_argument(
+        "--pool", type=_pool, action="append", required=True,
+        help="key pooling: k (the shallowest scale; 1 = exact) or one value per scale, shallow to deep, e.g. 4,2,1",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -67,7 +76,7 @@ def main() -> None:
                     maps.append(module.model.student_maps(chunk)[-1].numpy())
             outputs = {k: np.concatenate(v) for k, v in outputs.items()}
             global_map = np.concatenate(maps)
-            if exact_global is None and pool == 1:
+            if exact_global is None and pool in (1, [1, 1, 1]):
                 exact_global = global_map
             subsets = {}
             paths = [str(p) for p in datamodule.test_data.samples.image_path]

@@ -476,6 +476,35 @@ def test_global_map_key_pool_scores_the_shallowest_scale_and_guards_statistics()
     assert isinstance(pooled(images), InferenceBatch)
 
 
+def test_global_map_key_pool_per_scale() -> None:
+    """A sequence pools each teacher scale's keys; the statistics guard names the per-scale setting."""
+    exact = DskdModel(**SMALL).eval()
+    pooled = DskdModel(**SMALL, global_map_key_pool=[2, 2, 1]).eval()
+    pooled.load_state_dict(exact.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        teacher, _, s_glo = exact.features(images)
+        _, glob = pooled.student_maps(images)
+    parts = [pooled_affinity_kl(teacher[0], s_glo[0], 2), pooled_affinity_kl(teacher[1], s_glo[1], 2),
+             affinity_kl(teacher[2], s_glo[2])]
+    expected = sum(
+        torch.nn.functional.interpolate(p.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True) for p in parts
+    )
+    assert torch.allclose(glob, expected, atol=1e-5)
+    exact.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    pooled.load_state_dict(exact.state_dict())
+    with pytest.raises(RuntimeError, match=r"global_map_key_pool=1, but .*global_map_key_pool=\(2, 2, 1\)"):
+        pooled(images)
+    pooled.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
+    assert pooled.statistics_scales.tolist() == [2, 2, 1]
+    pooled.set_global_map_key_pool(2)  # the int form: the shallowest scale only
+    assert pooled.global_map_key_pool == (2, 1, 1)
+    with pytest.raises(ValueError, match="one value per teacher scale"):
+        DskdModel(**SMALL, global_map_key_pool=[2, 1])
+    with pytest.raises(ValueError, match="must divide the feature grid 4x4"):
+        DskdModel(**SMALL, global_map_key_pool=[1, 1, 8])  # 64 px: the deepest grid is 4x4
+
+
 @pytest.mark.parametrize("pool", [0, -2, 3, True])
 def test_global_map_key_pool_refuses_values_that_do_not_divide_the_grid(pool: int) -> None:
     with pytest.raises(ValueError, match="global_map_key_pool"):

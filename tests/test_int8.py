@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, Int8Export, map_smoothing_convolutions
+from anomalib_dskd.components.int8 import (
+    F32_ELEMENTWISE_OPS,
+    Int8Export,
+    map_resampling_matmuls,
+    map_smoothing_convolutions,
+    map_smoothing_ops,
+)
 
 
 def _graph():
@@ -31,6 +37,44 @@ def _graph():
 def test_map_smoothing_convolutions_are_the_one_to_one_channel_filters() -> None:
     # the 4->1 projection is learned (4 input channels) and must be quantised; only 1->1 filters are kept f32
     assert map_smoothing_convolutions(_graph()) == ["blur_y", "blur_x"]
+
+
+def test_resampling_matmuls_are_the_constant_interpolation_products_only() -> None:
+    """UpsampleSmooth's constant, non-negative, rows-sum-to-1 factors are found; learned or data products are not."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from anomalib_dskd.components.rd.anomaly_map import bilinear_matrix
+
+    raw = ops.parameter([1, 1, 8, 8], np.float32, name="map")
+    rows = ops.constant(bilinear_matrix(8, 32).astype(np.float32))
+    cols = ops.constant(bilinear_matrix(8, 32).T.astype(np.float32).copy())
+    left = ops.matmul(rows, raw, False, False)
+    left.set_friendly_name("resize_rows")
+    resized = ops.matmul(left, ops.convert(cols, np.float32), False, False)  # through a Convert, as f16 weights
+    resized.set_friendly_name("resize_cols")
+    learned = ops.matmul(raw, ops.constant(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)), False, False)
+    learned.set_friendly_name("learned")
+    data = ops.matmul(raw, raw, False, True)
+    data.set_friendly_name("affinity")
+    model = ov.Model([resized, learned, data], [raw])
+    assert map_resampling_matmuls(model) == ["resize_rows", "resize_cols"]
+    assert map_smoothing_ops(_graph()) == ["blur_y", "blur_x"]
+
+
+def test_exported_rd_map_resampling_is_kept_f32(tmp_path) -> None:
+    """The exported graph of a package model holds the resampling products the INT8 scope must keep."""
+    import openvino as ov
+    from anomalib.post_processing import PostProcessor
+
+    from anomalib_dskd.benchmark.measure import export_openvino
+    from anomalib_dskd.models.rd import Rd
+
+    model = Rd(backbone="mobilenetv2_100", pre_trained=False, post_processor=PostProcessor(enable_normalization=False),
+               visualizer=False, evaluator=False)
+    xml = export_openvino(model, tmp_path, (64, 64))
+    names = map_smoothing_ops(ov.Core().read_model(str(xml)))
+    assert len(names) == 6  # three scales, a left and a right factor each
 
 
 def test_dskd_keeps_its_elementwise_arithmetic_f32_and_the_others_do_not() -> None:

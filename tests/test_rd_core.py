@@ -17,7 +17,10 @@ from anomalib_dskd.components.rd import (
     SeparableGaussianBlur2d,
     Teacher,
     TeacherBackboneError,
+    UpsampleSmooth,
+    upsample_and_sum,
 )
+from anomalib_dskd.components.rd.anomaly_map import bilinear_matrix, reflect_filter_matrix
 from anomalib_dskd.models.rd import RdModel
 
 BACKBONES = ["resnet18", "mobilenetv2_100", "efficientnet_lite0", "wide_resnet50_2"]
@@ -119,6 +122,44 @@ def test_separable_blur_equals_anomalib_blur() -> None:
     ours = SeparableGaussianBlur2d(4)(maps)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     assert ours[0, 0].std() < maps[0, 0].std()  # it really smooths
+
+
+@pytest.mark.parametrize("sigma", [0.0, 4.0, 1.5])
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+def test_upsample_smooth_equals_interpolate_sum_and_blur(size: tuple[int, int], sigma: float) -> None:
+    """The matrix form of the map's resize + sum + smoothing is the interpolate-and-filter chain, to rounding."""
+    maps = [torch.rand(2, 1, size[0] // d, size[1] // d) * 3 for d in (4, 8, 16)] + [torch.rand(2, 1, *size)]
+    reference = upsample_and_sum(maps, size)
+    if sigma:
+        reference = SeparableGaussianBlur2d(sigma)(reference)
+    ours = UpsampleSmooth(size, sigma)(maps)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    # per channel, and for another output size given at call time
+    two = torch.rand(1, 2, 16, 16)
+    torch.testing.assert_close(
+        UpsampleSmooth((1, 1), sigma)([two], (64, 64)),
+        SeparableGaussianBlur2d(sigma)(upsample_and_sum([two], (64, 64))) if sigma else upsample_and_sum([two], (64, 64)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_resampling_matrices_are_the_torch_operations_and_keep_constants() -> None:
+    signal = torch.rand(1, 1, 13, 1, dtype=torch.float64)
+    resized = F.interpolate(signal, size=(50, 1), mode="bilinear", align_corners=True)[0, 0, :, 0]
+    torch.testing.assert_close(torch.from_numpy(bilinear_matrix(13, 50)) @ signal[0, 0, :, 0], resized)
+    blur = SeparableGaussianBlur2d(2.0)
+    taps = blur.kernel_x.reshape(-1).double().tolist()
+    row = torch.rand(1, 1, 1, 40, dtype=torch.float64)
+    pad = len(taps) // 2
+    filtered = F.conv2d(F.pad(row, (pad, pad, 0, 0), mode="reflect"), blur.kernel_x.double())[0, 0, 0]
+    torch.testing.assert_close(torch.from_numpy(reflect_filter_matrix(taps, 40)) @ row[0, 0, 0], filtered)
+    for matrix in (bilinear_matrix(13, 50), reflect_filter_matrix(taps, 40)):
+        assert matrix.min() >= 0
+        assert abs(matrix.sum(1) - 1).max() < 1e-6  # constants pass unchanged: standardisation commutes
+    with pytest.raises(ValueError, match="needs more than 4 samples per axis, got 4"):
+        reflect_filter_matrix([0.2] * 9, 4)
 
 
 def test_anomaly_map_equals_anomalib_add_mode() -> None:

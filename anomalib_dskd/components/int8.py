@@ -8,8 +8,9 @@ Two things NNCF's defaults get wrong on these models, both measured on trained m
   OpenVINO's CPU plugin (2026.x) returns an image score that is *not* the maximum of the map it returns
   (trained Rd, juice_bottle: off by up to 1.37 on scores of about 1.7; the map itself is right). The image
   AUROC drops (0.910 -> 0.893) and, with anomalib's normalisation inside the graph, every image gets the
-  same score (AUROC 0.5). Kept in f32 (:func:`map_smoothing_convolutions`), scores equal the map's maximum
-  again; the filter is a negligible part of the cost.
+  same score (AUROC 0.5). Kept in f32 (:func:`map_smoothing_ops`), scores equal the map's maximum
+  again; the filter is a negligible part of the cost. The package's models now run the upsampling and the
+  filter as constant matrix products (``UpsampleSmooth``); those ``MatMul``s are kept f32 for the same reason.
 * **Dskd's standardisation and fusion arithmetic.** Quantising its elementwise ops loses about 0.1 image
   AUROC; :data:`F32_ELEMENTWISE_OPS` left in f32 keeps it within 0.005 (``Dskd.int8_ignored_types``).
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
@@ -52,11 +55,51 @@ def map_smoothing_convolutions(model: Any) -> list[str]:
     return names
 
 
+def _constant_data(output: Any) -> np.ndarray | None:
+    """The values behind a node input if it is a constant, possibly through ``Convert`` / ``Transpose`` (the
+    caller's test accepts either orientation)."""
+    node = output.get_node()
+    while node.get_type_name() in ("Convert", "Transpose") and node.get_input_size() >= 1:
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return np.asarray(node.get_data())
+
+
+def map_resampling_matmuls(model: Any) -> list[str]:
+    """Names of the ``MatMul`` nodes that upsample or smooth a map with a constant resampling matrix.
+
+    :class:`~anomalib_dskd.components.rd.UpsampleSmooth` writes the map's bilinear upsampling and Gaussian
+    filter as products with constant 2-D matrices that are non-negative and whose rows (left factor) or
+    columns (right factor) each sum to 1: interpolation and normalised-filter weights. A learned linear layer
+    has signed weights, so this rule does not catch it.
+    """
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        for index in range(op.get_input_size()):
+            data = _constant_data(op.input_value(index))
+            if data is None or data.ndim != 2 or data.size == 0 or data.min() < 0:
+                continue
+            data = data.astype(np.float64)
+            if np.allclose(data.sum(1), 1, atol=1e-4) or np.allclose(data.sum(0), 1, atol=1e-4):
+                names.append(op.get_friendly_name())
+                break
+    return names
+
+
+def map_smoothing_ops(model: Any) -> list[str]:
+    """Every op that resamples or smooths the anomaly map: :func:`map_smoothing_convolutions` and
+    :func:`map_resampling_matmuls`; INT8 must leave them f32."""
+    return map_smoothing_convolutions(model) + map_resampling_matmuls(model)
+
+
 def int8_ignored_scope(model: Any, types: tuple[str, ...] = ()) -> Any:
-    """``nncf.IgnoredScope`` of the map-smoothing convolutions of ``model`` and of the op ``types``."""
+    """``nncf.IgnoredScope`` of the map-smoothing ops of ``model`` (:func:`map_smoothing_ops`) and of the op ``types``."""
     import nncf
 
-    return nncf.IgnoredScope(names=map_smoothing_convolutions(model), types=list(types), validate=False)
+    return nncf.IgnoredScope(names=map_smoothing_ops(model), types=list(types), validate=False)
 
 
 class Int8Export:

@@ -1,6 +1,12 @@
 """Backbone-generic reverse-distillation core (teacher, one-class embedding, student decoder, maps)."""
 
-from .anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur2d, cosine_distance_maps, upsample_and_sum
+from .anomaly_map import (
+    AnomalyMapGenerator,
+    SeparableGaussianBlur2d,
+    UpsampleSmooth,
+    cosine_distance_maps,
+    upsample_and_sum,
+)
 from .core import InputSizeError, RdArchitecture, ReverseDistillationCore, require_input_size
 from .decoder import StudentDecoder
 from .loss import CosineDistillationLoss
@@ -19,6 +25,7 @@ __all__ = [
     "StudentDecoder",
     "Teacher",
     "TeacherBackboneError",
+    "UpsampleSmooth",
     "cosine_distance_maps",
     "require_input_size",
     "upsample_and_sum",

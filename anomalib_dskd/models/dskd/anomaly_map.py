@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from anomalib_dskd.components.rd import SeparableGaussianBlur2d, cosine_distance_maps, upsample_and_sum
+from anomalib_dskd.components.rd import UpsampleSmooth, cosine_distance_maps
 
 #: student map / loss kinds
 PIXEL = "pixel"
@@ -487,9 +487,12 @@ class DskdScoreFusion(nn.Module):
     buffers of the owning model (``mean`` / ``std`` per student, float64) so they are saved in
     checkpoints and constant-folded into exported graphs.
 
-    The filter is linear and preserves constants (normalised kernel, reflect padding), so
-    ``blur(M) = blur(z_loc) + blur(z_glo)`` exactly: :meth:`forward` returns the smoothed
-    per-student maps too, and they add up to the final map.
+    Each student's map comes either at the output size or as its per-scale maps (before upsampling):
+    upsampling, adding and smoothing then run as :class:`~anomalib_dskd.components.rd.UpsampleSmooth`'s
+    matrix products, and no map is formed at full size before the last product. The operator is linear
+    and preserves constants (normalised kernel, reflect padding, bilinear weights summing to 1), so
+    ``smooth((M - mu) / sigma) = (smooth(M) - mu) / sigma`` and ``blur(M) = blur(z_loc) + blur(z_glo)``
+    exactly: :meth:`forward` returns the smoothed per-student maps too, and they add up to the final map.
 
     Args:
         sigma: Gaussian sigma in pixels; ``0`` disables smoothing.
@@ -497,22 +500,37 @@ class DskdScoreFusion(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        self.blur = SeparableGaussianBlur2d(sigma) if sigma > 0 else nn.Identity()
+        self.smooth = UpsampleSmooth((1, 1), sigma)
 
     def forward(
         self,
-        maps: Sequence[torch.Tensor],
+        maps: Sequence[torch.Tensor | Sequence[torch.Tensor]],
         means: Sequence[torch.Tensor],
         stds: Sequence[torch.Tensor],
+        size: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Return ``(anomaly_map, [smoothed standardised map per student])``, maps ``(B, 1, H, W)``."""
-        standardised = [
-            (scale_map - mean.to(scale_map.dtype)) / std.to(scale_map.dtype)
-            for scale_map, mean, std in zip(maps, means, stds, strict=True)
-        ]
-        smoothed = self.blur(torch.cat(standardised, dim=1))  # one blur call for all students
-        parts = list(smoothed.split(1, dim=1))
-        return smoothed.sum(dim=1, keepdim=True), parts
+        """Return ``(anomaly_map, [smoothed standardised map per student])``, maps ``(B, 1, H, W)``.
+
+        Args:
+            maps: per student, a ``(B, 1, H, W)`` map or the list of its per-scale maps ``(B, 1, h_l, w_l)``.
+            means / stds: per student, Eq. 8's statistics.
+            size: output ``(H, W)``; default: the size of the first full-size map given.
+        """
+        if size is None:
+            full = [entry for entry in maps if isinstance(entry, torch.Tensor)]
+            if not full:
+                msg = "DskdScoreFusion needs the output size when every student's map comes as per-scale maps."
+                raise ValueError(msg)
+            size = tuple(full[0].shape[-2:])
+        parts = []
+        for entry, mean, std in zip(maps, means, stds, strict=True):
+            scale_maps = [entry] if isinstance(entry, torch.Tensor) else list(entry)
+            smoothed = self.smooth(scale_maps, size)
+            parts.append((smoothed - mean.to(smoothed.dtype)) / std.to(smoothed.dtype))
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total, parts
 
 
 def upsampled_student_map(
@@ -526,4 +544,4 @@ def upsampled_student_map(
 ) -> torch.Tensor:
     """One student's ``M = sum_l upsample(M^l)`` at the input size, ``(B, 1, H, W)`` (before standardisation)."""
     maps = student_score_maps(kind, teacher_features, student_features, temperature, chunk_size, key_pools)
-    return upsample_and_sum(maps, image_size)
+    return UpsampleSmooth(image_size, sigma=0)(maps)

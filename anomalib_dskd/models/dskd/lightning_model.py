@@ -85,7 +85,8 @@ class Dskd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             shallowest-scale map uses keys pooled over ``k x k`` cells (queries at full resolution;
             ``k^2`` times fewer exponentials; inference only, the loss stays exact). An approximation,
             with its error bound and measured accuracy and latency in ``docs/models/dskd.md``. Like
-            ``global_map_scales``, the Eq. 8 statistics belong to one choice.
+            ``global_map_scales``, the Eq. 8 statistics belong to one choice. A list gives one pooling
+            per teacher scale, shallow to deep (e.g. ``[4, 2, 1]``).
         global_embedding: the global student's OCBE_glo: ``"teacher_stage"`` (default, paper Fig. 3:
             the teacher's next stage, e.g. ResNet ``layer4``, trainable, on the deepest teacher
             feature alone) or ``"fused"`` (a copy of the local student's multi-scale fused OCBE).
@@ -127,7 +128,7 @@ class Dskd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         affinity_chunk_size: int | None = 512,
         students: str = "both",
         global_map_scales: Sequence[int] | None = None,
-        global_map_key_pool: int = 1,
+        global_map_key_pool: int | Sequence[int] = 1,
         global_embedding: str = "teacher_stage",
         global_embedding_init: str = "teacher",
         statistics_source: str = "validation",

@@ -23,9 +23,9 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_dskd.components.rd import InputSizeError, ReverseDistillationCore
+from anomalib_dskd.components.rd import InputSizeError, ReverseDistillationCore, UpsampleSmooth
 
-from .anomaly_map import AFFINITY, MAP_KINDS, PIXEL, DskdScoreFusion, upsampled_student_map
+from .anomaly_map import AFFINITY, MAP_KINDS, PIXEL, DskdScoreFusion, student_score_maps
 from .components import GlobalContextCondensingBlock, TeacherStageEmbedding
 from .components.ocbe_glo import INITS
 
@@ -60,7 +60,8 @@ class DskdModel(nn.Module):
         global_map_key_pool: ``1`` (default, paper) scores the shallowest global scale with the
             exact Eq. 6; ``k > 1`` pools its keys over ``k x k`` cells (:func:`pooled_affinity_kl`:
             every position still queried, ``k^2`` times fewer exponentials; an approximation with
-            the error bound and measured effect in ``docs/models/dskd.md``). Inference only.
+            the error bound and measured effect in ``docs/models/dskd.md``). A sequence gives one
+            pooling per teacher scale, shallow to deep (e.g. ``(4, 2, 1)``). Inference only.
 
     Buffers (saved in checkpoints, constant-folded into exported graphs): ``map_mean`` and
     ``map_std`` (float64, Eq. 8's mu and sigma, one entry per active student in the order of
@@ -90,7 +91,7 @@ class DskdModel(nn.Module):
         global_map_scales: Sequence[int] | None = None,
         global_embedding: str = "teacher_stage",
         global_embedding_init: str = "teacher",
-        global_map_key_pool: int = 1,
+        global_map_key_pool: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
         if global_embedding not in GLOBAL_EMBEDDINGS:
@@ -120,7 +121,9 @@ class DskdModel(nn.Module):
         self.core = ReverseDistillationCore(backbone, layers, pre_trained, input_size)
         architecture = self.core.architecture
         self.global_map_scales = resolve_map_scales(global_map_scales, len(architecture.channels))
-        self.global_map_key_pool = resolve_key_pool(global_map_key_pool, self.core.teacher.reductions[0], self.core.input_size)
+        self.global_map_key_pool = resolve_key_pools(
+            global_map_key_pool, self.core.teacher.reductions, self.core.input_size
+        )
         self.input_size: tuple[int, int] = self.core.input_size
         embedding_channels, height, width = architecture.embedding_shape(self.input_size)
         # Global student: its own OCBE, the GCCB, a decoder identical in structure to the local one.
@@ -134,6 +137,7 @@ class DskdModel(nn.Module):
             self.core.decoder = None
 
         self.fusion = DskdScoreFusion(sigma)
+        self.upsample = UpsampleSmooth(self.input_size, sigma=0)  # the raw maps of Eq. 8's statistics
         count = len(self.students)
         self.register_buffer("map_mean", torch.zeros(count, dtype=torch.float64))
         self.register_buffer("map_std", torch.ones(count, dtype=torch.float64))
@@ -159,8 +163,8 @@ class DskdModel(nn.Module):
         self.global_bottleneck = self._build_global_embedding().to(device=old.device, dtype=old.dtype)
 
     def _key_pools(self) -> list[int]:
-        """Key pooling per scored global scale: ``global_map_key_pool`` at the shallowest scale, else exact."""
-        return [self.global_map_key_pool if index == 0 else 1 for index in self.global_map_scales]
+        """Key pooling per scored global scale (``global_map_key_pool`` resolved per teacher scale)."""
+        return [self.global_map_key_pool[index] for index in self.global_map_scales]
 
     def _scale_mask(self) -> torch.Tensor:
         # per teacher scale: 0 = not scored, else the key pooling it is scored with (1 = exact Eq. 6)
@@ -168,9 +172,9 @@ class DskdModel(nn.Module):
         mask[list(self.global_map_scales)] = torch.tensor(self._key_pools(), dtype=torch.uint8)
         return mask
 
-    def set_global_map_key_pool(self, key_pool: int) -> None:
-        """Score the shallowest global scale with ``key_pool`` (statistics must then be recomputed)."""
-        self.global_map_key_pool = resolve_key_pool(key_pool, self.core.teacher.reductions[0], self.input_size)
+    def set_global_map_key_pool(self, key_pool: int | Sequence[int]) -> None:
+        """Score the global scales with ``key_pool`` (as the constructor's; statistics must then be recomputed)."""
+        self.global_map_key_pool = resolve_key_pools(key_pool, self.core.teacher.reductions, self.input_size)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         # Checkpoints written before ``global_map_scales`` existed always scored every scale.
@@ -186,11 +190,12 @@ class DskdModel(nn.Module):
         current = self._scale_mask().to(self.statistics_scales.device)
         if not torch.equal(current, self.statistics_scales):
             used = self.statistics_scales.nonzero().flatten().tolist()
-            pool = int(self.statistics_scales[0]) if int(self.statistics_scales[0]) else 1
+            pools = [int(v) for v in self.statistics_scales.tolist()]
             msg = (
                 f"Dskd's map statistics (Eq. 8) were computed with global_map_scales={tuple(used)} and "
-                f"global_map_key_pool={pool}, but the model now scores scales {self.global_map_scales} with "
-                f"global_map_key_pool={self.global_map_key_pool}. Recompute them for these settings: "
+                f"global_map_key_pool={describe_key_pools(pools)}, but the model now scores scales "
+                f"{self.global_map_scales} with global_map_key_pool={describe_key_pools(self.global_map_key_pool)}. "
+                "Recompute them for these settings: "
                 "Engine.validate(model, datamodule) or Dskd.compute_statistics(normal_images_loader)."
             )
             raise RuntimeError(msg)
@@ -231,9 +236,10 @@ class DskdModel(nn.Module):
         if size == self.input_size:
             return
         self.core.architecture.check_input_size(size, "Dskd")
-        resolve_key_pool(self.global_map_key_pool, self.core.teacher.reductions[0], size)
+        resolve_key_pools(self.global_map_key_pool, self.core.teacher.reductions, size)
         self.core.input_size = size
         self.input_size = size
+        self.upsample.image_size = size
         if "global" in self.students:
             channels, height, width = self.core.architecture.embedding_shape(size)
             if (height, width) != self.gccb.spatial_size:
@@ -266,10 +272,16 @@ class DskdModel(nn.Module):
 
     def student_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw per-student maps ``M_loc`` / ``M_glo`` (upsampled, summed over scales), ``(B, 1, H, W)`` each."""
-        teacher, local, glob = self.features(images)
-        return self._maps(teacher, {"local": local, "global": glob})
+        return [self.upsample(scale_maps) for scale_maps in self.student_scale_maps(images)]
 
-    def _maps(self, teacher: list[torch.Tensor], students: dict[str, list[torch.Tensor] | None]) -> list[torch.Tensor]:
+    def student_scale_maps(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per student (in :attr:`students` order), its per-scale maps ``(B, 1, h_l, w_l)`` before upsampling."""
+        teacher, local, glob = self.features(images)
+        return self._scale_maps(teacher, {"local": local, "global": glob})
+
+    def _scale_maps(
+        self, teacher: list[torch.Tensor], students: dict[str, list[torch.Tensor] | None]
+    ) -> list[list[torch.Tensor]]:
         maps = []
         for name in self.students:
             features = students[name]
@@ -281,14 +293,8 @@ class DskdModel(nn.Module):
                     teacher_scales = [teacher[i] for i in self.global_map_scales]
                     features = [features[i] for i in self.global_map_scales]
             maps.append(
-                upsampled_student_map(
-                    self.map_kinds[name],
-                    teacher_scales,
-                    features,
-                    self.input_size,
-                    self.temperature,
-                    self.chunk_size,
-                    pools,
+                student_score_maps(
+                    self.map_kinds[name], teacher_scales, features, self.temperature, self.chunk_size, pools
                 )
             )
         return maps
@@ -297,9 +303,9 @@ class DskdModel(nn.Module):
         """Eval output plus the smoothed standardised map of each student (they add up to ``anomaly_map``)."""
         if not torch.compiler.is_compiling():
             self.check_statistics_scales()
-        maps = self.student_maps(images)
+        maps = self.student_scale_maps(images)
         mean, std = self.map_mean, self.map_std
-        anomaly_map, parts = self.fusion(maps, list(mean.unbind(0)), list(std.unbind(0)))
+        anomaly_map, parts = self.fusion(maps, list(mean.unbind(0)), list(std.unbind(0)), self.input_size)
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         batch = InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
         return batch, dict(zip(self.students, parts, strict=True))
@@ -315,18 +321,43 @@ class DskdModel(nn.Module):
 
 
 def resolve_key_pool(key_pool: int, stride: int, input_size: Sequence[int]) -> int:
-    """Validated ``global_map_key_pool``: a positive integer that divides the shallowest feature grid."""
+    """Validated key pooling of one scale: a positive integer that divides that scale's feature grid."""
     if isinstance(key_pool, bool) or not isinstance(key_pool, int) or key_pool < 1:
-        msg = f"global_map_key_pool must be a positive integer (1 = exact Eq. 6), got {key_pool!r}."
+        msg = f"global_map_key_pool must be a positive integer (1 = exact Eq. 6) or one per scale, got {key_pool!r}."
         raise ValueError(msg)
     grid = [int(side) // stride for side in input_size]
     if any(side % key_pool for side in grid):
         msg = (
-            f"global_map_key_pool={key_pool} must divide the shallowest feature grid {grid[0]}x{grid[1]} "
+            f"global_map_key_pool={key_pool} must divide the feature grid {grid[0]}x{grid[1]} "
             f"(input {tuple(input_size)}, stride {stride}); use a divisor of it, or 1 (exact)."
         )
         raise ValueError(msg)
     return key_pool
+
+
+def resolve_key_pools(
+    key_pool: int | Sequence[int], strides: Sequence[int], input_size: Sequence[int]
+) -> tuple[int, ...]:
+    """Key pooling per teacher scale: an int pools the shallowest scale only, a sequence gives every scale's."""
+    if isinstance(key_pool, int) or not isinstance(key_pool, Sequence):
+        pools = [key_pool] + [1] * (len(strides) - 1)
+    else:
+        pools = list(key_pool)
+        if len(pools) != len(strides):
+            msg = (
+                f"global_map_key_pool as a sequence needs one value per teacher scale ({len(strides)}, shallow to "
+                f"deep), got {tuple(key_pool)}."
+            )
+            raise ValueError(msg)
+    return tuple(resolve_key_pool(pool, stride, input_size) for pool, stride in zip(pools, strides, strict=True))
+
+
+def describe_key_pools(pools: Sequence[int]) -> str:
+    """``k`` when only the shallowest scale is pooled (the int form of the option), else the per-scale tuple."""
+    pools = [int(v) if int(v) else 1 for v in pools]  # statistics_scales holds 0 for unscored scales
+    if all(v == 1 for v in pools[1:]):
+        return str(pools[0])
+    return str(tuple(pools))
 
 
 def resolve_map_scales(scales: Sequence[int] | None, count: int) -> tuple[int, ...]:

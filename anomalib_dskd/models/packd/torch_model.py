@@ -21,7 +21,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_dskd.components.rd import RdArchitecture, Teacher
-from anomalib_dskd.components.rd.anomaly_map import cosine_distance_maps, upsample_and_sum
+from anomalib_dskd.components.rd.anomaly_map import cosine_distance_maps
 
 from .anomaly_map import AnomalyMapGenerator
 from .components import EMBEDDING_LEVEL, Peim, PrototypeConditionedDecoder
@@ -239,9 +239,9 @@ class PackdModel(nn.Module):
                 f"and needs at least 2 support images, got {shots}: give more supports or use score_normalisation='none'."
             )
             raise SupportError(msg)
-        blur = self.anomaly_map_generator.blur
+        smooth = self.anomaly_map_generator.smooth
         student = self.student(features[:3], [level.unsqueeze(0).expand(shots, -1, -1) for level in prototypes])
-        terms = [blur(upsample_and_sum(cosine_distance_maps(features[:3], student), self.input_size))]
+        terms = [smooth(cosine_distance_maps(features[:3], student), self.input_size)]
         weights = [1.0]
         if self.support_score_levels:
             memory_features = [features[level - 1] for level in self.support_score_levels]
@@ -250,8 +250,8 @@ class PackdModel(nn.Module):
                 others = [other for other in range(shots) if other != index]
                 banks = self.support_memory.build([level[others] for level in memory_features])
                 level_maps = self.support_memory([level[index : index + 1] for level in memory_features], banks)
-                maps.append(upsample_and_sum(level_maps, self.input_size))
-            terms.append(blur(torch.cat(maps)))
+                maps.append(smooth(level_maps, self.input_size))
+            terms.append(torch.cat(maps))
             weights.append(self.support_score_weight)
         scales = torch.ones(2, device=terms[0].device)
         shift = torch.zeros((), device=terms[0].device)
@@ -386,7 +386,7 @@ class PackdModel(nn.Module):
             # Gaussian blur is linear: blurring the scaled sum, then subtracting the shift, equals adding
             # the separately blurred and standardised maps.
             return self.score(distillation + memory, shift)
-        memory_map = self.anomaly_map_generator.blur(upsample_and_sum(memory, self.input_size))
+        memory_map = self.anomaly_map_generator.smooth(memory, self.input_size)
         fused = self.score(distillation, shift, add=memory_map)
         return InferenceBatch(pred_score=torch.amax(memory_map, dim=(-2, -1)).reshape(-1), anomaly_map=fused.anomaly_map)
 
@@ -394,7 +394,7 @@ class PackdModel(nn.Module):
         self, maps: Sequence[torch.Tensor], shift: torch.Tensor | None = None, add: torch.Tensor | None = None
     ) -> InferenceBatch:
         """Anomaly map and its maximum: level maps upsampled to the input size, summed, blurred, ``+ add - shift``."""
-        anomaly_map = self.anomaly_map_generator.blur(upsample_and_sum(maps, self.input_size))
+        anomaly_map = self.anomaly_map_generator.smooth(maps, self.input_size)
         if add is not None:
             anomaly_map = anomaly_map + add
         if shift is not None:
