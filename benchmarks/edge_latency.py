@@ -15,7 +15,8 @@ is taken round by round (median of the per-round ratios).
 
 Variants: ``rd``; ``dskd`` (paper scoring, exact Eq. 6 at every scale); ``dskd_pool2`` /
 ``dskd_pool4`` (``global_map_key_pool``: keys of the 64x64 map pooled over 2x2 / 4x4 cells);
-``dskd_scales12`` (``global_map_scales=[1, 2]``: no 64x64 global map).
+``dskd_scales12`` (``global_map_scales=[1, 2]``: no 64x64 global map); ``dskd_pool421`` / ``dskd_pool842``
+(``global_map_key_pool=[4, 2, 1]`` / ``[8, 4, 2]``: keys pooled at the two or three shallowest scales).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dskd_pool2": {"global_map_key_pool": 2},
     "dskd_pool4": {"global_map_key_pool": 4},
     "dskd_scales12": {"global_map_scales": [1, 2]},
+    "dskd_pool421": {"global_map_key_pool": [4, 2, 1]},
+    "dskd_pool842": {"global_map_key_pool": [8, 4, 2]},
 }
 
 
