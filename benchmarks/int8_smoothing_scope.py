@@ -7,7 +7,8 @@ maximum of the map the same graph returns (0 in f32).
 
     CI=true python benchmarks/int8_smoothing_scope.py <standard>/std_a/cells/Rd__juice_bottle__seed42.json [norm]
 
-The smoothing convolutions are found by the package's rule (``anomalib_dskd.components.int8.map_smoothing_convolutions``).
+The smoothing ops are found by the package's rule (``anomalib_dskd.components.int8.map_smoothing_ops``: the smoothing
+convolutions of graphs exported before ``UpsampleSmooth``, its resampling MatMuls since).
 """
 
 import sys
@@ -17,7 +18,7 @@ import numpy as np, torch, nncf, openvino as ov
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_accuracy as ia
 from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, openvino_outputs
-from anomalib_dskd.components.int8 import int8_ignored_scope, map_smoothing_convolutions
+from anomalib_dskd.components.int8 import int8_ignored_scope, map_smoothing_ops
 torch.set_num_threads(1)
 cell = Path(sys.argv[1]); normalised = len(sys.argv) > 2
 spec, module, dm = ia._load_cell(cell, normalised=normalised)
@@ -28,7 +29,7 @@ out = Path(tempfile.mkdtemp()) / (cell.stem + ("_norm" if normalised else ""))
 f32 = export_openvino(module, out / "f32", size)
 model = ov.Core().read_model(str(f32))
 
-names = map_smoothing_convolutions(model)
+names = map_smoothing_ops(model)
 print("kept f32:", names)
 ref = openvino_outputs(f32, images)
 print("f32", ia._accuracy(ref, labels, masks), flush=True)
