@@ -18,7 +18,7 @@ import numpy as np, torch, nncf, openvino as ov
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_accuracy as ia
 from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, openvino_outputs
-from anomalib_dskd.components.int8 import int8_ignored_scope, map_smoothing_ops
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, int8_ignored_scope, map_smoothing_ops, scoring_tail_ops
 torch.set_num_threads(1)
 cell = Path(sys.argv[1]); normalised = len(sys.argv) > 2
 spec, module, dm = ia._load_cell(cell, normalised=normalised)
@@ -36,6 +36,10 @@ print("f32", ia._accuracy(ref, labels, masks), flush=True)
 variants = [("int8", None), ("int8_smoothing_f32", nncf.IgnoredScope(names=names))]
 if type(module).int8_ignored_types:  # the package's scope for this model (Int8Export): smoothing + its op types
     variants.append(("int8_package", int8_ignored_scope(model, type(module).int8_ignored_types)))
+# the elementwise, reduction and MatMul ops of the scoring tail only (no convolution downstream), for every model
+tail = scoring_tail_ops(model, F32_ELEMENTWISE_OPS)
+print("scoring tail kept f32:", len(tail), "ops")
+variants.append(("int8_scoring_tail_f32", nncf.IgnoredScope(names=sorted(set(names + tail)), validate=False)))
 for label, scope in variants:
     kw = {"ignored_scope": scope} if scope else {}
     q = nncf.quantize(ov.Core().read_model(str(f32)), nncf.Dataset([i[None] for i in cal]), subset_size=len(cal), **kw)

@@ -95,6 +95,35 @@ def map_smoothing_ops(model: Any) -> list[str]:
     return map_smoothing_convolutions(model) + map_resampling_matmuls(model)
 
 
+#: op types of the learned networks: what INT8 is for
+CONVOLUTION_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+
+
+def scoring_tail_ops(model: Any, types: tuple[str, ...]) -> list[str]:
+    """Names of the ops of ``types`` in the scoring tail: ops from which no convolution can be reached.
+
+    A model's graph is its networks (teacher, students: convolutions with elementwise ops between them, e.g.
+    residual ``Add``s) followed by the scoring arithmetic on their features (cosine distances, affinities,
+    standardisation, fusion), which feeds no convolution. Keeping ``types`` f32 in that tail only lets NNCF
+    quantise the networks' elementwise ops as it does for Rd, instead of cutting every INT8 convolution chain
+    at each residual ``Add``.
+    """
+    ops = list(model.get_ordered_ops())
+    reaches: dict[str, bool] = {}
+    for op in reversed(ops):  # topological order reversed: every consumer is visited before its producers
+        found = False
+        for output in op.outputs():
+            for target in output.get_target_inputs():
+                child = target.get_node()
+                if child.get_type_name() in CONVOLUTION_OPS or reaches.get(child.get_friendly_name(), False):
+                    found = True
+                    break
+            if found:
+                break
+        reaches[op.get_friendly_name()] = found
+    return [op.get_friendly_name() for op in ops if op.get_type_name() in types and not reaches[op.get_friendly_name()]]
+
+
 def int8_ignored_scope(model: Any, types: tuple[str, ...] = ()) -> Any:
     """``nncf.IgnoredScope`` of the map-smoothing ops of ``model`` (:func:`map_smoothing_ops`) and of the op ``types``."""
     import nncf
