@@ -2,10 +2,10 @@
 
 Every variant is exported once (random weights: the cost of these dense graphs does not depend on them;
 Dskd's Eq. 8 statistics set to fixed values), quantised with NNCF twice (calibrated on random images: for
-latency only, accuracy is ``benchmarks/int8_accuracy.py``'s job): ``int8``, every op NNCF quantises but the
-map-smoothing convolutions (``measure.quantize_int8``'s default, the package's path for Rd), and ``int8_conv``,
-the elementwise, reduction and MatMul ops kept in f32 too (``measure.F32_ELEMENTWISE_OPS``, Dskd's package
-path, the variant that keeps a trained Dskd's accuracy), and compiled with
+latency only, accuracy is ``benchmarks/int8_smoothing_scope.py``'s job): ``int8``, the package's path (every op
+NNCF quantises but the map smoothing and the scoring tail's elementwise, reduction and MatMul ops,
+``measure.quantize_int8(..., tail_types=F32_ELEMENTWISE_OPS)``), and ``int8_conv``, those op types kept f32
+everywhere, the networks' residual ``Add``s included (Dskd's path before 2026-12-03), and compiled with
 ``INFERENCE_PRECISION_HINT=f32`` and ``--threads`` threads. Then ``--rounds`` rounds each time
 ``--calls`` calls of every variant in turn, so that whatever else runs on the machine weighs on all of
 them alike; the figure per variant is the median over rounds of the round's median, and the ratio to Rd
@@ -100,7 +100,7 @@ def main() -> None:
         for name in names:
             model = build(name, args)
             f32 = export_openvino(model, Path(tmp) / name / "f32", size)
-            int8 = quantize_int8(f32, calibration, Path(tmp) / name / "int8")
+            int8 = quantize_int8(f32, calibration, Path(tmp) / name / "int8", tail_types=F32_ELEMENTWISE_OPS)
             int8_conv = quantize_int8(f32, calibration, Path(tmp) / name / "int8_conv", ignored_types=F32_ELEMENTWISE_OPS)
             for runtime, xml in (("f32", f32), ("int8", int8), ("int8_conv", int8_conv)):
                 compiled = ov.Core().compile_model(str(xml), "CPU", config)

@@ -62,6 +62,28 @@ def test_resampling_matmuls_are_the_constant_interpolation_products_only() -> No
     assert map_smoothing_ops(_graph()) == ["blur_y", "blur_x"]
 
 
+def test_scoring_tail_is_what_feeds_no_convolution() -> None:
+    """The residual Add between two convolutions is the network's; the Add / Multiply after the last one are scoring."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from anomalib_dskd.components.int8 import scoring_tail_ops
+
+    image = ops.parameter([1, 3, 8, 8], np.float32, name="image")
+    weights = ops.constant(np.ones((3, 3, 1, 1), dtype=np.float32))
+    first = ops.convolution(image, weights, [1, 1], [0, 0], [0, 0], [1, 1])
+    residual = ops.add(first, image)
+    residual.set_friendly_name("residual")
+    second = ops.convolution(residual, weights, [1, 1], [0, 0], [0, 0], [1, 1])
+    difference = ops.add(second, ops.negative(residual))
+    difference.set_friendly_name("difference")
+    squared = ops.multiply(difference, difference)
+    squared.set_friendly_name("squared")
+    model = ov.Model([squared], [image])
+    assert scoring_tail_ops(model, ("Add", "Multiply")) == ["difference", "squared"]
+    assert scoring_tail_ops(model, ("Multiply",)) == ["squared"]
+
+
 def test_exported_rd_map_resampling_is_kept_f32(tmp_path) -> None:
     """The exported graph of a package model holds the resampling products the INT8 scope must keep."""
     import openvino as ov
@@ -77,13 +99,13 @@ def test_exported_rd_map_resampling_is_kept_f32(tmp_path) -> None:
     assert len(names) == 6  # three scales, a left and a right factor each
 
 
-def test_dskd_keeps_its_elementwise_arithmetic_f32_and_the_others_do_not() -> None:
+def test_rd_family_keeps_its_scoring_arithmetic_f32() -> None:
     from anomalib_dskd.models.dskd import Dskd
     from anomalib_dskd.models.rd import Rd
 
     assert issubclass(Rd, Int8Export)
-    assert Rd.int8_ignored_types == ()
-    assert Dskd.int8_ignored_types == F32_ELEMENTWISE_OPS
+    assert Rd.int8_ignored_types == Dskd.int8_ignored_types == ()
+    assert Rd.int8_scoring_tail_types == Dskd.int8_scoring_tail_types == F32_ELEMENTWISE_OPS
 
 
 def test_int8_ptq_without_a_datamodule_says_what_is_missing() -> None:

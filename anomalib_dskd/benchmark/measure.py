@@ -161,7 +161,11 @@ def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int])
 
 
 def quantize_int8(
-    xml_path: Path, images: np.ndarray, output_dir: Path, ignored_types: tuple[str, ...] | None = None
+    xml_path: Path,
+    images: np.ndarray,
+    output_dir: Path,
+    ignored_types: tuple[str, ...] | None = None,
+    tail_types: tuple[str, ...] | None = None,
 ) -> Path:
     """NNCF post-training INT8 quantisation of an OpenVINO model.
 
@@ -172,6 +176,8 @@ def quantize_int8(
         ignored_types: OpenVINO op types NNCF must leave in f32 (e.g. ``F32_ELEMENTWISE_OPS``); the
             map-smoothing convolutions always stay f32 (``anomalib_dskd.components.int8``: OpenVINO's image
             score is wrong when they are INT8). ``None``: no op type.
+        tail_types: op types NNCF must leave in f32 in the scoring tail only (``scoring_tail_ops``; the
+            package's RD-family path uses ``F32_ELEMENTWISE_OPS``). ``None``: none.
 
     Returns:
         Path of the INT8 ``.xml``.
@@ -181,7 +187,7 @@ def quantize_int8(
 
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset([image[None] for image in images])
-    scope = int8_ignored_scope(model, tuple(ignored_types or ()))
+    scope = int8_ignored_scope(model, tuple(ignored_types or ()), tuple(tail_types or ()))
     quantized = nncf.quantize(model, dataset, subset_size=len(images), ignored_scope=scope)
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / "model.xml"

@@ -31,7 +31,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_dskd.components.int8 import Int8Export
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, Int8Export
 from anomalib_dskd.components.rd.core import require_input_size
 from anomalib_dskd.components.rd.module import ReverseDistillationDefaults
 from anomalib_dskd.registration import register_class
@@ -75,6 +75,8 @@ class Ard(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         TeacherBackboneError: unknown or non-CNN backbone.
         TeacherWeightsError: a local checkpoint that does not fit the backbone.
     """
+
+    int8_scoring_tail_types = F32_ELEMENTWISE_OPS  # INT8: the scoring arithmetic stays f32 (components.int8)
 
     def __init__(
         self,

@@ -113,8 +113,9 @@ class Dskd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         TeacherWeightsError: a local checkpoint that does not fit the backbone.
     """
 
-    #: INT8 (``INT8_PTQ``): the standardisation / fusion arithmetic stays f32 (0.1 image AUROC otherwise).
-    int8_ignored_types = F32_ELEMENTWISE_OPS
+    #: INT8 (``INT8_PTQ``): the affinity / standardisation / fusion arithmetic stays f32 (0.1 image AUROC
+    #: otherwise); the networks' own elementwise ops are quantised (``anomalib_dskd.components.int8``).
+    int8_scoring_tail_types = F32_ELEMENTWISE_OPS
 
     def __init__(
         self,
