@@ -35,20 +35,20 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 class _Part(nn.Module):
-    def __init__(self, function: Any) -> None:  # noqa: ANN401
+    def __init__(self, function: Any) -> None:
         super().__init__()
         self.function = function
 
-    def forward(self, *inputs: torch.Tensor) -> Any:  # noqa: ANN401
+    def forward(self, *inputs: torch.Tensor) -> Any:
         return self.function(*inputs)
 
 
-def _parts(model: Any, images: torch.Tensor, size: tuple[int, int], sigma: float) -> dict[str, tuple[nn.Module, tuple]]:  # noqa: ANN401
+def _parts(model: Any, images: torch.Tensor, size: tuple[int, int], sigma: float) -> dict[str, tuple[nn.Module, tuple]]:
     from anomalib_dskd.components.rd import SeparableGaussianBlur2d, UpsampleSmooth, upsample_and_sum
     from anomalib_dskd.models.dskd.anomaly_map import affinity_kl_maps, cosine_distance_maps
 
