@@ -118,7 +118,7 @@ def test_checkpoint_round_trip_gives_the_same_maps_and_scores(name: str, categor
 #: gives after INT8, see docs/benchmarks/edge/README.md) has no correlation and AUROC 0.5, a map of quantisation
 #: noise correlates near 0 and falls to the untrained models' AUROC (at most 0.73, module docstring). Bounds:
 #: correlation 0.5 (0.16 below the worst model), AUROC loss 0.15 (0.04 above the worst).
-#: (Those figures predate ``Int8Export``, which keeps the map-smoothing convolutions in f32.) The image score must
+#: (Those figures predate ``Int8Export``, which keeps the map-smoothing ops and the scoring tail f32.) The image score must
 #: also stay the maximum of the map the graph returns: with the smoothing in INT8, OpenVINO's CPU plugin returned
 #: scores off by up to 1.37 on a trained juice_bottle Rd (``anomalib_dskd/components/int8.py``); 1e-4 of the map's
 #: scale is float32 rounding, far below that.

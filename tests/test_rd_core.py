@@ -185,6 +185,26 @@ def test_eval_returns_inference_batch() -> None:
     assert len(teacher) == len(student) == 3
 
 
+@pytest.mark.parametrize("name", ["rd", "ard", "dskd"])
+def test_maps_follow_a_new_input_size(name: str) -> None:
+    """A checkpoint's pre-processor can change the input size after construction: the maps must follow it."""
+    from anomalib_dskd.models.ard.torch_model import ArdModel
+    from anomalib_dskd.models.dskd.torch_model import DskdModel
+
+    builders = {
+        "rd": lambda: RdModel("mobilenetv2_100", pre_trained=False, input_size=(64, 64)),
+        "ard": lambda: ArdModel("mobilenetv2_100", pre_trained=False, input_size=(64, 64)),
+        "dskd": lambda: DskdModel("mobilenetv2_100", pre_trained=False, input_size=(64, 64), gccb_channels=8),
+    }
+    model = builders[name]().eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).anomaly_map.shape[-2:] == (64, 64)
+        model.set_input_size((96, 128))
+        assert model(torch.rand(1, 3, 96, 128)).anomaly_map.shape[-2:] == (96, 128)
+        if name == "dskd":
+            assert all(m.shape[-2:] == (96, 128) for m in model.student_maps(torch.rand(1, 3, 96, 128)))
+
+
 def test_unknown_backbone_names_close_matches() -> None:
     with pytest.raises(TeacherBackboneError, match=r"Unknown backbone 'resnet19'.*resnet18"):
         ReverseDistillationCore("resnet19", pre_trained=False)

@@ -195,4 +195,4 @@ class AnomalyMapGenerator(nn.Module):
 
     def forward(self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Return ``(B, 1, H, W)`` anomaly maps (``blur(upsample_and_sum(maps))``, as :class:`UpsampleSmooth`)."""
-        return self.smooth(cosine_distance_maps(teacher_features, student_features))
+        return self.smooth(cosine_distance_maps(teacher_features, student_features), self.image_size)

@@ -239,7 +239,6 @@ class DskdModel(nn.Module):
         resolve_key_pools(self.global_map_key_pool, self.core.teacher.reductions, size)
         self.core.input_size = size
         self.input_size = size
-        self.upsample.image_size = size
         if "global" in self.students:
             channels, height, width = self.core.architecture.embedding_shape(size)
             if (height, width) != self.gccb.spatial_size:
@@ -272,7 +271,7 @@ class DskdModel(nn.Module):
 
     def student_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw per-student maps ``M_loc`` / ``M_glo`` (upsampled, summed over scales), ``(B, 1, H, W)`` each."""
-        return [self.upsample(scale_maps) for scale_maps in self.student_scale_maps(images)]
+        return [self.upsample(scale_maps, self.input_size) for scale_maps in self.student_scale_maps(images)]
 
     def student_scale_maps(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per student (in :attr:`students` order), its per-scale maps ``(B, 1, h_l, w_l)`` before upsampling."""
