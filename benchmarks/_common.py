@@ -1,4 +1,4 @@
-"""Helpers shared by the model benchmark scripts (``bench_ard.py``, ``bench_glance.py``, ``packd_fewshot.py``).
+"""Helpers shared by the benchmark scripts (``bench_ard.py``, ``bench_glance.py``, ``packd_fewshot.py``, ``edge_*.py``).
 
 Scripts in this folder import it as ``from _common import ...`` (Python puts the script's folder on
 ``sys.path``).
@@ -6,6 +6,8 @@ Scripts in this folder import it as ``from _common import ...`` (Python puts the
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -74,3 +76,33 @@ def raw_metrics(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, 
         metric.update(batch)
         results[name] = float(metric.compute())
     return results
+
+
+def interleaved_latency(
+    requests: dict[str, tuple[Any, Any]], rounds: int, calls: int, warmup: int
+) -> dict[str, list[float]]:
+    """Per-round median latency (ms) of OpenVINO infer requests timed in turn, so that load weighs on all alike.
+
+    ``requests`` maps a name to ``(infer_request, inputs)``. Each request first runs ``warmup`` times; then,
+    ``rounds`` times, every request runs ``calls`` times in turn and the round keeps its median. Prints a line per
+    round with the load average.
+    """
+    for request, inputs in requests.values():
+        for _ in range(warmup):
+            request.infer(inputs)
+    medians: dict[str, list[float]] = {name: [] for name in requests}
+    for index in range(rounds):
+        for name, (request, inputs) in requests.items():
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                request.infer(inputs)
+                times.append((time.perf_counter() - start) * 1000)
+            medians[name].append(statistics.median(times))
+        print(f"round {index + 1}/{rounds} load {os.getloadavg()[0]:.2f}", flush=True)
+    return medians
+
+
+def command_line(script: str, args: Any, skip: tuple[str, ...] = ("output",)) -> str:  # noqa: ANN401
+    """The command that reproduces a run: ``python <script>`` and every parsed option but ``skip``."""
+    return f"python {script} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip)

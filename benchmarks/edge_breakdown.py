@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 warnings.filterwarnings("ignore")
 
 import torch
+from _common import command_line, interleaved_latency
 from torch import nn
 
 
@@ -127,23 +127,9 @@ def main() -> None:
             compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", config)
             requests[name] = (compiled.create_infer_request(), [value.numpy() for value in inputs])
             print(f"exported {name}", flush=True)
-    for request, inputs in requests.values():
-        for _ in range(5):
-            request.infer(inputs)
-    rounds: dict[str, list[float]] = {name: [] for name in requests}
-    for index in range(args.rounds):
-        for name, (request, inputs) in requests.items():
-            times = []
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                request.infer(inputs)
-                times.append((time.perf_counter() - start) * 1000)
-            rounds[name].append(statistics.median(times))
-        print(f"round {index + 1}/{args.rounds} load {os.getloadavg()[0]:.2f}", flush=True)
+    rounds = interleaved_latency(requests, args.rounds, args.calls, warmup=5)
     result = {
-        "command": "python benchmarks/edge_breakdown.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"
-        ),
+        "command": command_line("benchmarks/edge_breakdown.py", args),
         "key_pool_per_scale": list(model.global_map_key_pool),
         "load_average_end": list(os.getloadavg()),
         "parts": {name: {"median_ms": statistics.median(v), "round_medians_ms": v} for name, v in rounds.items()},

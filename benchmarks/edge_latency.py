@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import command_line, interleaved_latency  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "rd": {},
@@ -107,23 +107,10 @@ def main() -> None:
                 requests[f"{name}/{runtime}"] = compiled.create_infer_request()
                 sizes[f"{name}/{runtime}"] = openvino_size_mb(xml)
             print(f"exported {name}", flush=True)
-        for request in requests.values():  # warm-up
-            for _ in range(3):
-                request.infer({0: image})
-        rounds: dict[str, list[float]] = {key: [] for key in requests}
-        for index in range(args.rounds):
-            for key, request in requests.items():
-                times = []
-                for _ in range(args.calls):
-                    start = time.perf_counter()
-                    request.infer({0: image})
-                    times.append((time.perf_counter() - start) * 1000)
-                rounds[key].append(statistics.median(times))
-            print(f"round {index + 1}/{args.rounds} load {os.getloadavg()[0]:.2f}", flush=True)
+        rounds = interleaved_latency({key: (request, {0: image}) for key, request in requests.items()},
+                                     args.rounds, args.calls, warmup=3)
     result: dict[str, Any] = {
-        "command": "python benchmarks/edge_latency.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"
-        ),
+        "command": command_line("benchmarks/edge_latency.py", args),
         "threads": args.threads, "size": list(size), "load_average_end": list(os.getloadavg()),
         "variants": {},
     }
