@@ -454,51 +454,39 @@ def test_pooled_keys_track_the_exact_map_on_smooth_features() -> None:
     assert correlation > 0.99, correlation
 
 
-def test_global_map_key_pool_scores_the_shallowest_scale_and_guards_statistics() -> None:
+@pytest.mark.parametrize(
+    ("option", "pools", "described"),
+    [(2, [2, 1, 1], "2"), ([2, 2, 1], [2, 2, 1], r"\(2, 2, 1\)")],
+    ids=["shallowest", "per-scale"],
+)
+def test_global_map_key_pool_scores_its_scales_and_guards_statistics(option, pools: list, described: str) -> None:  # noqa: ANN001
+    """An int pools the shallowest scale's keys, a sequence each scale's; the statistics guard names the setting."""
     exact = DskdModel(**SMALL).eval()
-    pooled = DskdModel(**SMALL, global_map_key_pool=2).eval()
+    pooled = DskdModel(**SMALL, global_map_key_pool=option).eval()
     pooled.load_state_dict(exact.state_dict())
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         teacher, _, s_glo = exact.features(images)
         _, glob = pooled.student_maps(images)
-    parts = [pooled_affinity_kl(teacher[0], s_glo[0], 2), affinity_kl(teacher[1], s_glo[1]), affinity_kl(teacher[2], s_glo[2])]
+    parts = [pooled_affinity_kl(t, s, pool) for t, s, pool in zip(teacher, s_glo, pools, strict=True)]
+    assert torch.equal(pooled_affinity_kl(teacher[2], s_glo[2], 1), affinity_kl(teacher[2], s_glo[2]))  # 1 = exact
     expected = sum(
         torch.nn.functional.interpolate(p.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True) for p in parts
     )
     assert torch.allclose(glob, expected, atol=1e-5)
     exact.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
     pooled.load_state_dict(exact.state_dict())
-    with pytest.raises(RuntimeError, match=r"global_map_key_pool=1, but .*global_map_key_pool=2.*Recompute"):
+    with pytest.raises(RuntimeError, match=rf"global_map_key_pool=1, but .*global_map_key_pool={described}.*Recompute"):
         pooled(images)
     pooled.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
-    assert pooled.statistics_scales.tolist() == [2, 1, 1]
+    assert pooled.statistics_scales.tolist() == pools
     assert isinstance(pooled(images), InferenceBatch)
 
 
-def test_global_map_key_pool_per_scale() -> None:
-    """A sequence pools each teacher scale's keys; the statistics guard names the per-scale setting."""
-    exact = DskdModel(**SMALL).eval()
-    pooled = DskdModel(**SMALL, global_map_key_pool=[2, 2, 1]).eval()
-    pooled.load_state_dict(exact.state_dict())
-    images = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        teacher, _, s_glo = exact.features(images)
-        _, glob = pooled.student_maps(images)
-    parts = [pooled_affinity_kl(teacher[0], s_glo[0], 2), pooled_affinity_kl(teacher[1], s_glo[1], 2),
-             affinity_kl(teacher[2], s_glo[2])]
-    expected = sum(
-        torch.nn.functional.interpolate(p.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True) for p in parts
-    )
-    assert torch.allclose(glob, expected, atol=1e-5)
-    exact.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
-    pooled.load_state_dict(exact.state_dict())
-    with pytest.raises(RuntimeError, match=r"global_map_key_pool=1, but .*global_map_key_pool=\(2, 2, 1\)"):
-        pooled(images)
-    pooled.set_statistics(torch.tensor([0.4, 0.02]), torch.tensor([0.1, 0.005]), 10)
-    assert pooled.statistics_scales.tolist() == [2, 2, 1]
-    pooled.set_global_map_key_pool(2)  # the int form: the shallowest scale only
-    assert pooled.global_map_key_pool == (2, 1, 1)
+def test_global_map_key_pool_forms_and_errors() -> None:
+    model = DskdModel(**SMALL, global_map_key_pool=[2, 2, 1])
+    model.set_global_map_key_pool(2)  # the int form: the shallowest scale only
+    assert model.global_map_key_pool == (2, 1, 1)
     with pytest.raises(ValueError, match="one value per teacher scale"):
         DskdModel(**SMALL, global_map_key_pool=[2, 1])
     with pytest.raises(ValueError, match="must divide the feature grid 4x4"):
