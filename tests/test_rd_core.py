@@ -138,11 +138,18 @@ def test_upsample_smooth_equals_interpolate_sum_and_blur(size: tuple[int, int], 
     # per channel, and for another output size given at call time
     two = torch.rand(1, 2, 16, 16)
     torch.testing.assert_close(
-        UpsampleSmooth((1, 1), sigma)([two], (64, 64)),
+        UpsampleSmooth(sigma=sigma)([two], (64, 64)),
         SeparableGaussianBlur2d(sigma)(upsample_and_sum([two], (64, 64))) if sigma else upsample_and_sum([two], (64, 64)),
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def test_upsample_smooth_without_a_size_says_what_to_give() -> None:
+    with pytest.raises(ValueError, match=r"give the output size, forward\(maps, size=\(H, W\)\)"):
+        UpsampleSmooth(sigma=4.0)([torch.rand(1, 1, 8, 8)])
+    with pytest.raises(ValueError, match="at least one map"):
+        UpsampleSmooth((16, 16))([])
 
 
 def test_resampling_matrices_are_the_torch_operations_and_keep_constants() -> None:

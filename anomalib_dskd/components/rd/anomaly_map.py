@@ -113,14 +113,16 @@ class UpsampleSmooth(nn.Module):
     (subtracting a mean, dividing by a standard deviation) commutes with this operator.
 
     Args:
-        image_size: output ``(H, W)``.
+        image_size: default output ``(H, W)``; ``None``: every call gives its ``size``.
         sigma: Gaussian sigma in pixels; ``0`` = upsampling and summing only.
         kernel_size: as :class:`SeparableGaussianBlur2d`.
     """
 
-    def __init__(self, image_size: Sequence[int], sigma: float = 4.0, kernel_size: int | None = None) -> None:
+    def __init__(
+        self, image_size: Sequence[int] | None = None, sigma: float = 4.0, kernel_size: int | None = None
+    ) -> None:
         super().__init__()
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.sigma = float(sigma)
         self.taps: tuple[float, ...] = ()
         if sigma > 0:
@@ -143,6 +145,9 @@ class UpsampleSmooth(nn.Module):
 
         ``size``: output ``(H, W)`` for this call instead of ``image_size``.
         """
+        if size is None and self.image_size is None:
+            msg = "UpsampleSmooth was built without an image_size: give the output size, forward(maps, size=(H, W))."
+            raise ValueError(msg)
         height, width = (int(size[0]), int(size[1])) if size is not None else self.image_size
         total = None
         for scale_map in maps:

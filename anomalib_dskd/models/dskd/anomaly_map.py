@@ -500,7 +500,7 @@ class DskdScoreFusion(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        self.smooth = UpsampleSmooth((1, 1), sigma)
+        self.smooth = UpsampleSmooth(sigma=sigma)  # the output size comes with each call
 
     def forward(
         self,

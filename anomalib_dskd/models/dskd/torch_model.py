@@ -137,7 +137,7 @@ class DskdModel(nn.Module):
             self.core.decoder = None
 
         self.fusion = DskdScoreFusion(sigma)
-        self.upsample = UpsampleSmooth(self.input_size, sigma=0)  # the raw maps of Eq. 8's statistics
+        self.upsample = UpsampleSmooth(sigma=0)  # the raw maps of Eq. 8's statistics
         count = len(self.students)
         self.register_buffer("map_mean", torch.zeros(count, dtype=torch.float64))
         self.register_buffer("map_std", torch.ones(count, dtype=torch.float64))
