@@ -108,6 +108,18 @@ def test_rd_family_keeps_its_scoring_arithmetic_f32() -> None:
     assert Rd.int8_scoring_tail_types == Dskd.int8_scoring_tail_types == F32_ELEMENTWISE_OPS
 
 
+def test_benchmark_quantisation_takes_each_models_own_scope() -> None:
+    """The benchmarks' INT8 (``quantize_int8``) gets the scope ``anomalib export`` uses, not smoothing only."""
+    from anomalib.models import Padim
+
+    from anomalib_dskd.benchmark.measure import model_int8_types
+    from anomalib_dskd.models.dskd import Dskd
+    from anomalib_dskd.models.rd import Rd
+
+    assert model_int8_types(Rd) == model_int8_types(Dskd) == {"ignored_types": (), "tail_types": F32_ELEMENTWISE_OPS}
+    assert model_int8_types(Padim) == {"ignored_types": (), "tail_types": ()}
+
+
 def test_int8_ptq_without_a_datamodule_says_what_is_missing() -> None:
     with pytest.raises(ValueError, match="Datamodule must be provided"):
         Int8Export()._post_training_quantization_ov(_graph(), None)

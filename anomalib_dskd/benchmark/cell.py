@@ -484,7 +484,7 @@ def _measure(spec: CellSpec, model: Any, datamodule: Any, cell_dir: Path, result
         try:
             start = time.perf_counter()
             images = m.calibration_images(datamodule, int(settings["int8_calibration_images"]), size)
-            int8_xml = m.quantize_int8(f32_xml, images, export_dir / "int8")
+            int8_xml = m.quantize_int8(f32_xml, images, export_dir / "int8", **m.model_int8_types(model))
             result["timing"]["quantize_s"] = time.perf_counter() - start
             result["size"]["openvino_int8_mb"] = m.openvino_size_mb(int8_xml)
             result["size"]["int8_calibration_images"] = len(images)

@@ -42,6 +42,7 @@ __all__ = [
     "openvino_latency",
     "openvino_size_mb",
     "peak_rss_mb",
+    "model_int8_types",
     "quantize_int8",
     "torch_latency",
 ]
@@ -160,6 +161,19 @@ def calibration_images(datamodule: Any, count: int, image_size: tuple[int, int])
     return np.concatenate(images).astype(np.float32)
 
 
+def model_int8_types(model: Any) -> dict[str, tuple[str, ...]]:  # noqa: ANN401
+    """The INT8 scope a model declares (``Int8Export``), as :func:`quantize_int8`'s keyword arguments.
+
+    The package's models keep their scoring arithmetic f32 (``int8_scoring_tail_types``, some also
+    ``int8_ignored_types``); anomalib's built-ins declare nothing (``()``: only the map smoothing stays f32).
+    Quantising a package model without its scope is not what its users get from ``anomalib export``.
+    """
+    return {
+        "ignored_types": tuple(getattr(model, "int8_ignored_types", ())),
+        "tail_types": tuple(getattr(model, "int8_scoring_tail_types", ())),
+    }
+
+
 def quantize_int8(
     xml_path: Path,
     images: np.ndarray,
@@ -177,7 +191,8 @@ def quantize_int8(
             map-smoothing convolutions always stay f32 (``anomalib_dskd.components.int8``: OpenVINO's image
             score is wrong when they are INT8). ``None``: no op type.
         tail_types: op types NNCF must leave in f32 in the scoring tail only (``scoring_tail_ops``; the
-            package's RD-family path uses ``F32_ELEMENTWISE_OPS``). ``None``: none.
+            package's RD-family path uses ``F32_ELEMENTWISE_OPS``). ``None``: none. Pass a model's own scope
+            with ``**model_int8_types(model)``.
 
     Returns:
         Path of the INT8 ``.xml``.
