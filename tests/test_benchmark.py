@@ -105,6 +105,20 @@ def test_cli_reports_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_lists_only_the_filtered_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_dskd.cli.main import main
+
+    config = str(CONFIGS / "tiny.yaml")
+    labels = {c.model.label for c in load_config(CONFIGS / "tiny.yaml").cells()}
+    label = min(labels)
+    assert main(["benchmark", "--config", config, "--output", str(tmp_path / "out"), "--model", label, "--dry-run"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed and all(cell.startswith(f"{label}__") for cell in listed)
+    assert not (tmp_path / "out").exists()
+    assert main(["benchmark", "--config", config, "--model", "NoSuchLabel", "--dry-run"]) == 2
+    assert "--model ['NoSuchLabel'] not in the config's models" in capsys.readouterr().err
+
+
 def test_overrides_and_variables() -> None:
     config = load_config(CONFIGS / "tiny.yaml", overrides=["budgets.distillation.epochs=2", "seeds=[1, 2]"])
     cells = config.cells()

@@ -34,7 +34,7 @@ from typing import Any
 from anomalib_dskd.benchmark.cell import empty_result, run_cell, write_json
 from anomalib_dskd.benchmark.config import BenchmarkConfig, CellSpec, ConfigError
 
-__all__ = ["FINISHED", "collect_environment", "load_cell_result", "run_benchmark"]
+__all__ = ["FINISHED", "collect_environment", "load_cell_result", "run_benchmark", "select_cells"]
 
 #: statuses of a finished cell (not recomputed on resume)
 FINISHED = ("ok", "failed", "skipped")
@@ -285,6 +285,33 @@ def _interrupt_on_sigterm() -> Any:  # noqa: ANN401
     return signal.signal(signal.SIGTERM, handler)
 
 
+def select_cells(
+    cells: Sequence[Any],
+    *,
+    models: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+) -> list[Any]:
+    """The cells of the grid that the ``--model`` / ``--dataset`` filters keep (all when a filter is empty).
+
+    Raises:
+        ConfigError: a filter names a model label or dataset the config does not have.
+    """
+    cells = list(cells)
+    if models:
+        unknown = sorted(set(models) - {c.model.label for c in cells})
+        if unknown:
+            msg = f"--model {unknown} not in the config's models {sorted({c.model.label for c in cells})}"
+            raise ConfigError(msg)
+        cells = [c for c in cells if c.model.label in set(models)]
+    if datasets:
+        unknown = sorted(set(datasets) - {c.dataset.name for c in cells})
+        if unknown:
+            msg = f"--dataset {unknown} not in the config's datasets {sorted({c.dataset.name for c in cells})}"
+            raise ConfigError(msg)
+        cells = [c for c in cells if c.dataset.name in set(datasets)]
+    return cells
+
+
 def run_benchmark(  # noqa: C901, PLR0912, PLR0915
     config: BenchmarkConfig,
     output: str | Path,
@@ -325,19 +352,7 @@ def run_benchmark(  # noqa: C901, PLR0912, PLR0915
     from anomalib_dskd.benchmark.data import prepare_dataset
     from anomalib_dskd.benchmark.models import availability
 
-    cells = config.cells()  # validates everything before any training
-    if models:
-        unknown = sorted(set(models) - {c.model.label for c in cells})
-        if unknown:
-            msg = f"--model {unknown} not in the config's models {sorted({c.model.label for c in cells})}"
-            raise ConfigError(msg)
-        cells = [c for c in cells if c.model.label in set(models)]
-    if datasets:
-        unknown = sorted(set(datasets) - {c.dataset.name for c in cells})
-        if unknown:
-            msg = f"--dataset {unknown} not in the config's datasets {sorted({c.dataset.name for c in cells})}"
-            raise ConfigError(msg)
-        cells = [c for c in cells if c.dataset.name in set(datasets)]
+    cells = select_cells(config.cells(), models=models, datasets=datasets)  # validates before any training
 
     output = Path(output).expanduser().resolve()
     cells_dir = output / "cells"

@@ -88,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
     for text in config.notes:
         print(f"[benchmark] note: {text}")
     if args.dry_run:
+        from anomalib_dskd.benchmark.runner import select_cells
+
+        try:
+            cells = select_cells(cells, models=args.models, datasets=args.datasets)
+        except ConfigError as err:
+            print(f"anomalib-dskd benchmark: invalid configuration: {err}", file=sys.stderr)
+            return 2
         print(f"[benchmark] {config.name}: {len(cells)} cells -> {output}")
         print(f"[benchmark] teacher: {config.teacher.description}")
         from anomalib_dskd.benchmark.models import availability
