@@ -34,16 +34,22 @@ print("kept f32:", names)
 ref = openvino_outputs(f32, images)
 print("f32", ia._accuracy(ref, labels, masks), flush=True)
 variants = [("int8", None), ("int8_smoothing_f32", nncf.IgnoredScope(names=names))]
-if type(module).int8_ignored_types:  # the package's scope for this model (Int8Export): smoothing + its op types
+if getattr(type(module), "int8_ignored_types", ()):  # the package's scope for this model (Int8Export): smoothing + its op types
     variants.append(("int8_package", int8_ignored_scope(model, type(module).int8_ignored_types)))
 # the elementwise, reduction and MatMul ops of the scoring tail only (no convolution downstream), for every model
 tail = scoring_tail_ops(model, F32_ELEMENTWISE_OPS)
 print("scoring tail kept f32:", len(tail), "ops")
 variants.append(("int8_scoring_tail_f32", nncf.IgnoredScope(names=sorted(set(names + tail)), validate=False)))
+# every elementwise, reduction and MatMul op f32, networks included: INT8 on the convolutions only
+variants.append(("int8_elementwise_f32", nncf.IgnoredScope(names=names, types=list(F32_ELEMENTWISE_OPS), validate=False)))
 for label, scope in variants:
     kw = {"ignored_scope": scope} if scope else {}
     q = nncf.quantize(ov.Core().read_model(str(f32)), nncf.Dataset([i[None] for i in cal]), subset_size=len(cal), **kw)
     (out / label).mkdir(parents=True, exist_ok=True); ov.save_model(q, str(out / label / "model.xml"), compress_to_fp16=False)
-    o = openvino_outputs(out / label / "model.xml", images)
+    try:
+        o = openvino_outputs(out / label / "model.xml", images)
+    except RuntimeError as err:  # OpenVINO's CPU plugin refuses some quantised graphs (docs/benchmarks/edge, round 4)
+        print(label, "does not compile:", [line for line in str(err).splitlines() if line.strip()][-1][:300], flush=True)
+        continue
     amax = np.asarray(o["anomaly_map"]).reshape(len(images), -1).max(1)
     print(label, ia._accuracy(o, labels, masks), "pred_score vs max(map): max abs diff %.4g" % np.abs(np.asarray(o["pred_score"]).ravel() - amax).max(), flush=True)

@@ -84,6 +84,25 @@ def test_scoring_tail_is_what_feeds_no_convolution() -> None:
     assert scoring_tail_ops(model, ("Multiply",)) == ["squared"]
 
 
+def test_scoring_tail_reaches_through_a_map_smoothing_convolution() -> None:
+    """anomalib's built-ins (Padim, Patchcore) blur the map with 1->1 convolutions: the arithmetic before the blur
+    is still scoring, not network (with every convolution counted, their tail was empty)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from anomalib_dskd.components.int8 import scoring_tail_ops
+
+    image = ops.parameter([1, 3, 8, 8], np.float32, name="image")
+    features = ops.convolution(image, ops.constant(np.ones((3, 3, 1, 1), dtype=np.float32)), [1, 1], [0, 0], [0, 0], [1, 1])
+    squared = ops.multiply(features, features)
+    squared.set_friendly_name("squared")
+    distance = ops.reduce_sum(squared, ops.constant(np.array([1])), keep_dims=True)
+    distance.set_friendly_name("distance")
+    blur = ops.convolution(distance, ops.constant(np.full((1, 1, 3, 3), 1 / 9, dtype=np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])
+    model = ov.Model([blur], [image])
+    assert scoring_tail_ops(model, ("Multiply", "ReduceSum")) == ["squared", "distance"]
+
+
 def test_exported_rd_map_resampling_is_kept_f32(tmp_path) -> None:
     """The exported graph of a package model holds the resampling products the INT8 scope must keep."""
     import openvino as ov

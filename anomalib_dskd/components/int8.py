@@ -109,18 +109,22 @@ def scoring_tail_ops(model: Any, types: tuple[str, ...]) -> list[str]:
 
     A model's graph is its networks (teacher, students: convolutions with elementwise ops between them, e.g.
     residual ``Add``s) followed by the scoring arithmetic on their features (cosine distances, affinities,
-    standardisation, fusion), which feeds no convolution. Keeping ``types`` f32 in that tail only lets NNCF
+    standardisation, fusion), which feeds no convolution of a network: the map-smoothing convolutions
+    (:func:`map_smoothing_convolutions`, e.g. anomalib's ``GaussianBlur2d`` at the end of Padim and Patchcore) are
+    part of the tail, not a network. Keeping ``types`` f32 in that tail only lets NNCF
     quantise the networks' elementwise ops as it does for Rd, instead of cutting every INT8 convolution chain
     at each residual ``Add``.
     """
     ops = list(model.get_ordered_ops())
+    smoothing = set(map_smoothing_convolutions(model))
     reaches: dict[str, bool] = {}
     for op in reversed(ops):  # topological order reversed: every consumer is visited before its producers
         found = False
         for output in op.outputs():
             for target in output.get_target_inputs():
                 child = target.get_node()
-                if child.get_type_name() in CONVOLUTION_OPS or reaches.get(child.get_friendly_name(), False):
+                network_conv = child.get_type_name() in CONVOLUTION_OPS and child.get_friendly_name() not in smoothing
+                if network_conv or reaches.get(child.get_friendly_name(), False):
                     found = True
                     break
             if found:
