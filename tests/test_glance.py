@@ -42,6 +42,11 @@ from anomalib_dskd.models.glance.loss import compactness_loss
 
 from .export_utils import assert_export_parity
 
+def shape_size(shape: object) -> int:
+    """Number of elements of an OpenVINO static shape."""
+    return math.prod(int(dim) for dim in shape)  # type: ignore[union-attr]
+
+
 SIZE = (256, 256)  # the only size family Global-Net (suppl. Table 2) reduces to 1x1
 DISTIL_STEPS = 60  # a short stage 1 on the random teacher (see test_short_stage_1_distils_the_random_teacher)
 
@@ -265,6 +270,39 @@ def test_idw_reproduces_patch_scores_at_centres_and_stays_within_their_range() -
     # between two centres the nearer one dominates (power 5)
     y, x = int(at[0, 0]), int(at[0, 1] + 1)
     assert abs(float(maps[0, 0, y, x]) - float(scores[0, 0])) < abs(float(maps[0, 0, y, x]) - float(scores[0, 1]))
+
+
+@pytest.mark.parametrize(("size", "per_side", "power", "offset"), [
+    ((256, 256), 20, 5.0, 16.0),  # Glance's grid: the paper's 20 x 20 patches, power 5, integer centres
+    ((64, 96), 6, 5.0, 16.0),  # a non-square map
+    ((256, 256), 20, 2.0, 16.0),
+    ((256, 256), 20, 8.0, 16.0),
+    ((96, 96), 5, 5.0, 15.5),  # fractional centres: no pixel sits at a centre
+])
+def test_separable_idw_equals_the_dense_formula(size: tuple[int, int], per_side: int, power: float, offset: float) -> None:
+    """The separable quadrature form (no (H*W, P) matrix) gives the dense IDW map to float rounding."""
+    centers = grid_corners(size, 33, per_side, align=2).float() + offset
+    separable = IDWFusion(size, centers, power=power)
+    dense = IDWFusion(size, centers, power=power, separable=False)
+    assert separable.separable and not dense.separable
+    scores = torch.rand(3, centers.shape[0], generator=torch.Generator().manual_seed(0)) * 10 - 2
+    error = (separable(scores) - dense(scores)).abs().max() / (scores.max() - scores.min())
+    # the dense float32 map itself is ~2e-6 of the range off its float64 value; the quadrature adds at most ~1e-5
+    assert float(error) < 2e-5
+    constant = separable(torch.full((1, centers.shape[0]), 0.7))
+    torch.testing.assert_close(constant, torch.full_like(constant, 0.7), rtol=1e-5, atol=1e-6)
+    # the separable form's buffers together hold a fraction of the dense matrix's H * W * P entries (1/50 at 256 px)
+    assert sum(buffer.numel() for buffer in separable.buffers()) < size[0] * size[1] * centers.shape[0] / 3
+
+
+def test_idw_centres_off_a_grid_use_the_dense_form() -> None:
+    centers = torch.tensor([[10.0, 12.0], [40.0, 30.0], [20.0, 50.0]])
+    fusion = IDWFusion((64, 64), centers)
+    assert not fusion.separable
+    maps = fusion(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert maps.shape == (1, 1, 64, 64) and float(maps[0, 0, 40, 30]) == pytest.approx(2.0, abs=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        IDWFusion((64, 64), centers, separable=True)
 
 
 def test_inference_scores_follow_the_paper_formula() -> None:
@@ -752,6 +790,13 @@ def test_export_onnx_openvino_match_torch(tmp_path: Path) -> None:
     assert not torch.allclose(raw, standardised)
     paths = assert_export_parity(model, tmp_path, SIZE)
     assert paths["openvino"].with_suffix(".bin").stat().st_size > 0
+    # the IDW fusion is exported in its separable form: OpenVINO folds no (H*W, P) weight matrix into a constant
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(paths["openvino"]))
+    pixels = SIZE[0] * SIZE[1]
+    shapes = [tuple(int(d) for d in op.get_output_shape(0)) for op in graph.get_ops() if op.get_type_name() == "Constant"]
+    assert not [shape for shape in shapes if pixels in shape and shape_size(shape) >= pixels * model.model.n_patches]
 
 
 def test_standardised_decoder_input_trains_and_measures_with_training_statistics() -> None:
