@@ -8,6 +8,7 @@ import pytest
 from anomalib_dskd.components.int8 import (
     F32_ELEMENTWISE_OPS,
     Int8Export,
+    int8_ignored_scope,
     map_resampling_matmuls,
     map_smoothing_convolutions,
     map_smoothing_ops,
@@ -125,6 +126,24 @@ def test_rd_family_keeps_its_scoring_arithmetic_f32() -> None:
     assert issubclass(Rd, Int8Export)
     assert Rd.int8_ignored_types == Dskd.int8_ignored_types == ()
     assert Rd.int8_scoring_tail_types == Dskd.int8_scoring_tail_types == F32_ELEMENTWISE_OPS
+
+
+def test_glance_keeps_its_idw_products_f32(tmp_path) -> None:
+    """Glance's separable IDW is a chain of MatMuls with constant factors the smoothing rule does not catch: the
+    model's own scope keeps every MatMul f32, and its exported graph has them (the fusion runs in the graph)."""
+    import openvino as ov
+    from anomalib.post_processing import PostProcessor
+
+    from anomalib_dskd.benchmark.measure import export_openvino, model_int8_types
+    from anomalib_dskd.models.glance import Glance
+
+    assert model_int8_types(Glance) == {"ignored_types": ("MatMul",), "tail_types": ()}
+    model = Glance(backbone="mobilenetv2_100", pre_trained=False, patches_per_side=4, teacher_input_size=33,
+                   post_processor=PostProcessor(enable_normalization=False), visualizer=False, evaluator=False)
+    graph = ov.Core().read_model(str(export_openvino(model, tmp_path, (256, 256))))
+    matmuls = [op for op in graph.get_ops() if op.get_type_name() == "MatMul"]
+    assert len(matmuls) >= 3  # the IDW's two quadrature products and its at-a-centre selection
+    assert int8_ignored_scope(graph, model_int8_types(Glance)["ignored_types"]).types == ["MatMul"]
 
 
 def test_benchmark_quantisation_takes_each_models_own_scope() -> None:

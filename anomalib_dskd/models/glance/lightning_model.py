@@ -188,6 +188,12 @@ class Glance(Int8Export, AnomalibModule):
             while the schedule follows the trainer.
     """
 
+    #: INT8 (``anomalib export --compression_type INT8_PTQ``) keeps every ``MatMul`` f32: the separable IDW
+    #: fusion's constant products (which the map-smoothing rule does not recognise; quantised, the exported map's
+    #: correlation with f32 fell from 0.29 to 0.02 on generated data, ``docs/benchmarks/edge/glance_int8_idw_seed0.json``)
+    #: and the DAD head's linear layers. Local-Net and Global-Net (convolutions) are quantised.
+    int8_ignored_types: tuple[str, ...] = ("MatMul",)
+
     def __init__(
         self,
         backbone: str = "resnet18",
