@@ -797,6 +797,9 @@ def test_export_onnx_openvino_match_torch(tmp_path: Path) -> None:
     pixels = SIZE[0] * SIZE[1]
     shapes = [tuple(int(d) for d in op.get_output_shape(0)) for op in graph.get_ops() if op.get_type_name() == "Constant"]
     assert not [shape for shape in shapes if pixels in shape and shape_size(shape) >= pixels * model.model.n_patches]
+    # nor Global-Net's per-patch masks times a bias, broadcast over channels into (1, P, rows, cols, C) constants
+    patches = model.model.n_patches
+    assert not [shape for shape in shapes if len(shape) == 5 and shape[1] == patches and shape[-1] > 1]
 
 
 def test_standardised_decoder_input_trains_and_measures_with_training_statistics() -> None:

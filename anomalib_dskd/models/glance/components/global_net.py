@@ -315,7 +315,10 @@ class GlobalGridEvaluator(nn.Module):
                 y = raw.permute(0, 2, 3, 1).reshape(batch, n_patches, out_r, out_c, -1)
                 y = y * getattr(self, f"ratio_{index}").reshape(n_patches, out_r, out_c, 1)
                 if module.bias is not None:
-                    y = y + module.bias * updated
+                    # equals y + b * updated exactly (updated is 0 / 1 and the ratio is 0 where it is 0), without the
+                    # constant product b * updated, which OpenVINO folds into a (P, out_r, out_c, C) constant (~33 MiB
+                    # over the layers at the default grid; a Multiply after the Add is distributed back into it)
+                    y = torch.where(updated > 0, y + module.bias, 0.0)
             else:
                 x = torch.where(in_mask > 0, x, -3.0e38).reshape(batch * n_patches, in_r, in_c, channels)
                 pooled = F.max_pool2d(x.permute(0, 3, 1, 2), module.kernel_size, module.stride)
