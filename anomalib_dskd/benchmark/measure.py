@@ -171,6 +171,7 @@ def model_int8_types(model: Any) -> dict[str, tuple[str, ...]]:  # noqa: ANN401
     return {
         "ignored_types": tuple(getattr(model, "int8_ignored_types", ())),
         "tail_types": tuple(getattr(model, "int8_scoring_tail_types", ())),
+        "rules": tuple(getattr(model, "int8_f32_rules", ())),
     }
 
 
@@ -180,6 +181,7 @@ def quantize_int8(
     output_dir: Path,
     ignored_types: tuple[str, ...] | None = None,
     tail_types: tuple[str, ...] | None = None,
+    rules: tuple[str, ...] | None = None,
 ) -> Path:
     """NNCF post-training INT8 quantisation of an OpenVINO model.
 
@@ -193,6 +195,8 @@ def quantize_int8(
         tail_types: op types NNCF must leave in f32 in the scoring tail only (``scoring_tail_ops``; the
             package's RD-family path uses ``F32_ELEMENTWISE_OPS``). ``None``: none. Pass a model's own scope
             with ``**model_int8_types(model)``.
+        rules: names of ``anomalib_dskd.components.int8.INT8_F32_RULES`` whose ops stay f32 (a model's
+            ``int8_f32_rules``). ``None``: none.
 
     Returns:
         Path of the INT8 ``.xml``.
@@ -202,7 +206,7 @@ def quantize_int8(
 
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset([image[None] for image in images])
-    scope = int8_ignored_scope(model, tuple(ignored_types or ()), tuple(tail_types or ()))
+    scope = int8_ignored_scope(model, tuple(ignored_types or ()), tuple(tail_types or ()), tuple(rules or ()))
     quantized = nncf.quantize(model, dataset, subset_size=len(images), ignored_scope=scope)
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / "model.xml"

@@ -19,7 +19,13 @@ Two things NNCF's defaults get wrong on these models, both measured on trained m
   the networks' own elementwise ops (residual ``Add``s) are quantised as NNCF intends. (Before, Dskd kept
   those op types f32 everywhere: ``int8_ignored_types``, still available.)
 
-:class:`Int8Export` applies both on anomalib's own path (``Engine.export(..., compression_type=INT8_PTQ)``,
+* **An OpenVINO compile failure (Glance).** With its scoring tail f32, OpenVINO 2026.4's CPU plugin refuses
+  Glance's quantised graph: its low-precision ``ReshapeTransformation`` moves the dequantisation of Global-Net's
+  last convolution through the reshape that splits the dynamic batch into ``(batch, patches, ...)`` and fails
+  shape inference. Keeping such convolutions f32 (:func:`batch_splitting_convolutions`, the rule a model names in
+  ``int8_f32_rules``) lets the graph compile (``docs/benchmarks/edge/README.md``, round 5).
+
+:class:`Int8Export` applies these on anomalib's own path (``Engine.export(..., compression_type=INT8_PTQ)``,
 ``anomalib export --compression_type INT8_PTQ``), which otherwise calls ``nncf.quantize`` without an
 ignored scope.
 """
@@ -133,15 +139,77 @@ def scoring_tail_ops(model: Any, types: tuple[str, ...]) -> list[str]:
     return [op.get_friendly_name() for op in ops if op.get_type_name() in types and not reaches[op.get_friendly_name()]]
 
 
-def int8_ignored_scope(model: Any, types: tuple[str, ...] = (), tail_types: tuple[str, ...] = ()) -> Any:
+#: elementwise ops between a convolution and a reshape where OpenVINO's dequantisation would sit
+_ELEMENTWISE_AFTER_CONV = ("Add", "Multiply", "Subtract", "Relu", "PRelu", "Clamp")
+
+
+def _splits_dynamic_batch(reshape: Any) -> bool:
+    """Whether a ``Reshape`` moves elements between a dynamic first dimension and the others (a batch split / merge)."""
+    source, target = reshape.get_input_partial_shape(0), reshape.get_output_partial_shape(0)
+    if source.rank.is_dynamic or target.rank.is_dynamic or len(source) < 2 or len(target) < 2:
+        return False
+    if not (source[0].is_dynamic and all(dim.is_static for dim in list(source)[1:] + list(target)[1:])):
+        return False
+    inner = int(np.prod([dim.get_length() for dim in list(source)[1:]]))
+    outer = int(np.prod([dim.get_length() for dim in list(target)[1:]]))
+    return inner != outer
+
+
+def _feeds_batch_split(conv: Any) -> bool:
+    """Whether ``conv``'s output reaches, through elementwise ops only, a reshape that splits the dynamic batch."""
+    frontier, seen = [conv], set()
+    while frontier:
+        node = frontier.pop()
+        for output in node.outputs():
+            for target in output.get_target_inputs():
+                child = target.get_node()
+                if child.get_friendly_name() in seen:
+                    continue
+                seen.add(child.get_friendly_name())
+                if child.get_type_name() == "Reshape" and _splits_dynamic_batch(child):
+                    return True
+                if child.get_type_name() in _ELEMENTWISE_AFTER_CONV:
+                    frontier.append(child)
+    return False
+
+
+def batch_splitting_convolutions(model: Any) -> list[str]:
+    """Names of the convolutions whose output goes, through elementwise ops only (no ``Transpose``), into a
+    ``Reshape`` that splits (or merges) the dynamic batch dimension, e.g. Glance's Global-Net's last layer:
+    ``(batch * patches, C, 1, 1) -> (batch, patches, 1, 1, C)``.
+
+    Quantised, OpenVINO 2026.4's low-precision ``ReshapeTransformation`` moves the convolution's dequantisation
+    through that reshape and fails shape inference at compile time once the ops after it are kept f32; these
+    convolutions stay f32. (Reached through a ``Transpose`` first, as Global-Net's other layers are, it compiles.)
+    """
+    return [
+        op.get_friendly_name() for op in model.get_ordered_ops()
+        if op.get_type_name() in CONVOLUTION_OPS and _feeds_batch_split(op)
+    ]
+
+
+#: rules a model can name in ``int8_f32_rules``: each returns the names of ops to keep f32
+INT8_F32_RULES = {"batch_splitting_convolutions": batch_splitting_convolutions}
+
+
+def int8_ignored_scope(
+    model: Any, types: tuple[str, ...] = (), tail_types: tuple[str, ...] = (), rules: tuple[str, ...] = ()
+) -> Any:
     """``nncf.IgnoredScope``: the map-smoothing ops of ``model`` (:func:`map_smoothing_ops`), every op of ``types``,
-    and the ops of ``tail_types`` in the scoring tail (:func:`scoring_tail_ops`)."""
+    the ops of ``tail_types`` in the scoring tail (:func:`scoring_tail_ops`) and the ops the named ``rules``
+    (:data:`INT8_F32_RULES`) find."""
     import nncf
 
-    names = map_smoothing_ops(model)
+    unknown = sorted(set(rules) - set(INT8_F32_RULES))
+    if unknown:
+        msg = f"unknown INT8 f32 rules {unknown}; known: {sorted(INT8_F32_RULES)}."
+        raise ValueError(msg)
+    names = set(map_smoothing_ops(model))
     if tail_types:
-        names = sorted(set(names) | set(scoring_tail_ops(model, tuple(tail_types))))
-    return nncf.IgnoredScope(names=names, types=list(types), validate=False)
+        names |= set(scoring_tail_ops(model, tuple(tail_types)))
+    for rule in rules:
+        names |= set(INT8_F32_RULES[rule](model))
+    return nncf.IgnoredScope(names=sorted(names), types=list(types), validate=False)
 
 
 class Int8Export:
@@ -156,6 +224,8 @@ class Int8Export:
     int8_ignored_types: tuple[str, ...] = ()
     #: OpenVINO op types NNCF must leave in f32 in the scoring tail only (:func:`scoring_tail_ops`).
     int8_scoring_tail_types: tuple[str, ...] = ()
+    #: names of :data:`INT8_F32_RULES` whose ops NNCF must leave in f32.
+    int8_f32_rules: tuple[str, ...] = ()
 
     def _post_training_quantization_ov(self, model: Any, datamodule: AnomalibDataModule | None = None) -> Any:
         """anomalib's ``ExportMixin._post_training_quantization_ov`` (calibration on the validation images),
@@ -183,5 +253,5 @@ class Int8Export:
             return images
 
         calibration = nncf.Dataset(dataloader, transform)
-        scope = int8_ignored_scope(model, self.int8_ignored_types, self.int8_scoring_tail_types)
+        scope = int8_ignored_scope(model, self.int8_ignored_types, self.int8_scoring_tail_types, self.int8_f32_rules)
         return nncf.quantize(model, calibration, ignored_scope=scope)

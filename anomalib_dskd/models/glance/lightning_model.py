@@ -58,7 +58,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_dskd.components.int8 import Int8Export
+from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, Int8Export
 from anomalib_dskd.components.loaders import trainer_loaders
 from anomalib_dskd.registration import register_class
 from anomalib_dskd.weights import normalize_pre_trained
@@ -188,11 +188,15 @@ class Glance(Int8Export, AnomalibModule):
             while the schedule follows the trainer.
     """
 
-    #: INT8 (``anomalib export --compression_type INT8_PTQ``) keeps every ``MatMul`` f32: the separable IDW
-    #: fusion's constant products (which the map-smoothing rule does not recognise; quantised, the exported map's
-    #: correlation with f32 fell from 0.29 to 0.02 on generated data, ``docs/benchmarks/edge/glance_int8_idw_seed0.json``)
-    #: and the DAD head's linear layers. Local-Net and Global-Net (convolutions) are quantised.
+    #: INT8 (``anomalib export --compression_type INT8_PTQ``, and the benchmarks' ``quantize_int8``) quantises
+    #: Local-Net and Global-Net and keeps f32: every ``MatMul`` (the separable IDW fusion's constant products, which
+    #: the map-smoothing rule does not recognise, and the DAD head), the scoring tail's elementwise arithmetic (the
+    #: IAD distance of two networks' features, the standardisation), and the convolutions OpenVINO's
+    #: low-precision transformations cannot compile with that tail f32 (``batch_splitting_convolutions``: the last
+    #: layer of each network). Measured: ``docs/benchmarks/edge/README.md``, round 5.
     int8_ignored_types: tuple[str, ...] = ("MatMul",)
+    int8_scoring_tail_types: tuple[str, ...] = F32_ELEMENTWISE_OPS
+    int8_f32_rules: tuple[str, ...] = ("batch_splitting_convolutions",)
 
     def __init__(
         self,
