@@ -4,9 +4,10 @@ Issue #16: Glance's OpenVINO model held its IDW fusion as a dense 65,536 x 400 c
 fusion is now separable (``anomalib_dskd/models/glance/anomaly_map.py``, ~2 MiB). This script trains Glance as
 ``tests/test_detection.py::test_glance_detects_anomalies`` does (generated MVTec-AD category, its step budget,
 ``--seed``), exports it twice to OpenVINO f32 (separable IDW, and the dense form, ``separable=False``), and
-quantises each with NNCF (``quantize_int8``, 32 training images as calibration) under two scopes: the package's
-default (only the map-smoothing ops f32, what Glance declared before) and ``--f32-types`` (op types kept f32
-everywhere, default ``MatMul``: the IDW products and the DAD head). For every graph: size, image AUROC and the
+quantises each with NNCF (``quantize_int8``, 32 training images as calibration) under three scopes: only the
+map-smoothing ops f32 (what Glance declared before 2026-12-07), ``--f32-types`` (op types kept f32 everywhere,
+default ``MatMul``: the IDW products and the DAD head), and Glance's own scope (``model_int8_types``: ``MatMul``,
+the scoring tail and the batch-splitting last layers f32, what ``anomalib export`` applies). For every graph: size, image AUROC and the
 map's Pearson correlation with its own f32 graph on the test set, and batch-1 latency (2 threads, median of 20
 calls). ``separable_f32_vs_torch_max_abs``: the separable f32 graph's map against the torch model's on 4 test images.
 One JSON object on stdout and in ``--out``.
@@ -50,6 +51,7 @@ def main() -> int:
     from anomalib_dskd.benchmark.measure import (
         export_openvino,
         map_agreement,
+        model_int8_types,
         openvino_outputs,
         openvino_size_mb,
         quantize_int8,
@@ -86,6 +88,7 @@ def main() -> int:
                 f"{form}/int8_smoothing_only": quantize_int8(f32, calibration, root / form / "int8_a"),
                 f"{form}/int8_{'_'.join(f32_types) or 'none'}_f32": quantize_int8(
                     f32, calibration, root / form / "int8_b", ignored_types=f32_types),
+                f"{form}/int8_package": quantize_int8(f32, calibration, root / form / "int8_c", **model_int8_types(model)),
             }
             reference = None
             for name, xml in graphs.items():

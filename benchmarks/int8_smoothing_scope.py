@@ -17,7 +17,7 @@ import tempfile
 import numpy as np, torch, nncf, openvino as ov
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_accuracy as ia
-from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, openvino_outputs
+from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, model_int8_types, openvino_outputs
 from anomalib_dskd.components.int8 import F32_ELEMENTWISE_OPS, int8_ignored_scope, map_smoothing_ops, scoring_tail_ops
 torch.set_num_threads(1)
 cell = Path(sys.argv[1]); normalised = len(sys.argv) > 2
@@ -34,8 +34,10 @@ print("kept f32:", names)
 ref = openvino_outputs(f32, images)
 print("f32", ia._accuracy(ref, labels, masks), flush=True)
 variants = [("int8", None), ("int8_smoothing_f32", nncf.IgnoredScope(names=names))]
-if getattr(type(module), "int8_ignored_types", ()):  # the package's scope for this model (Int8Export): smoothing + its op types
-    variants.append(("int8_package", int8_ignored_scope(model, type(module).int8_ignored_types)))
+package_scope = model_int8_types(module)  # the package's scope for this model (Int8Export), as anomalib export applies it
+if any(package_scope.values()):
+    variants.append(("int8_package", int8_ignored_scope(
+        model, package_scope["ignored_types"], package_scope["tail_types"], package_scope["rules"])))
 # the elementwise, reduction and MatMul ops of the scoring tail only (no convolution downstream), for every model
 tail = scoring_tail_ops(model, F32_ELEMENTWISE_OPS)
 print("scoring tail kept f32:", len(tail), "ops")
