@@ -9,6 +9,7 @@ from anomalib_dskd.components.int8 import (
     F32_ELEMENTWISE_OPS,
     Int8Export,
     batch_splitting_convolutions,
+    first_convolutions,
     int8_ignored_scope,
     map_resampling_matmuls,
     map_smoothing_convolutions,
@@ -152,6 +153,24 @@ def test_batch_splitting_convolutions_are_those_reshaped_across_the_batch() -> N
     assert batch_splitting_convolutions(_graph()) == []  # static batch, no reshape
     with pytest.raises(ValueError, match="unknown INT8 f32 rules"):
         int8_ignored_scope(model, rules=("no_such_rule",))
+
+
+def test_first_convolutions_are_each_networks_first_layer() -> None:
+    """The convolutions that read the input with no learned convolution before them (not the map filters)."""
+    assert first_convolutions(_graph()) == ["learned_1"]
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([1, 3, 8, 8], np.float32, name="image")
+    weights = ops.constant(np.ones((3, 3, 1, 1), dtype=np.float32))
+    scaled = ops.multiply(image, ops.constant(np.float32(2.0)))  # pre-processing between input and first layer
+    branches = []
+    for name in ("first_a", "first_b"):
+        node = ops.convolution(scaled, weights, [1, 1], [0, 0], [0, 0], [1, 1])
+        node.set_friendly_name(name)
+        branches.append(ops.convolution(ops.relu(node), weights, [1, 1], [0, 0], [0, 0], [1, 1]))
+    model = ov.Model([ops.add(*branches)], [image])
+    assert first_convolutions(model) == ["first_a", "first_b"]
 
 
 def test_glance_int8_scope_compiles_and_keeps_its_scoring_f32(tmp_path) -> None:

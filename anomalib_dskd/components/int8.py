@@ -188,8 +188,29 @@ def batch_splitting_convolutions(model: Any) -> list[str]:
     ]
 
 
+def first_convolutions(model: Any) -> list[str]:
+    """Names of the convolutions that read the model's input with no other convolution before them (each network's
+    first layer), the classic layer to keep f32: their input quantisation spends the 8 bits on the whole pixel
+    range, which crushes a dark, low-contrast product's texture."""
+    reached: dict[str, bool] = {}  # op name -> a (non-smoothing) convolution lies between the input and it
+    smoothing = set(map_smoothing_convolutions(model))
+    names = []
+    for op in model.get_ordered_ops():
+        parents = [op.input_value(i).get_node() for i in range(op.get_input_size())]
+        after_conv = any(
+            reached.get(parent.get_friendly_name(), False)
+            or (parent.get_type_name() in CONVOLUTION_OPS and parent.get_friendly_name() not in smoothing)
+            for parent in parents
+        )
+        reached[op.get_friendly_name()] = after_conv
+        is_conv = op.get_type_name() in CONVOLUTION_OPS and op.get_friendly_name() not in smoothing
+        if is_conv and not after_conv and any(parent.get_type_name() != "Constant" for parent in parents):
+            names.append(op.get_friendly_name())
+    return names
+
+
 #: rules a model can name in ``int8_f32_rules``: each returns the names of ops to keep f32
-INT8_F32_RULES = {"batch_splitting_convolutions": batch_splitting_convolutions}
+INT8_F32_RULES = {"batch_splitting_convolutions": batch_splitting_convolutions, "first_convolutions": first_convolutions}
 
 
 def int8_ignored_scope(
