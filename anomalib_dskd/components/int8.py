@@ -190,8 +190,9 @@ def batch_splitting_convolutions(model: Any) -> list[str]:
 
 def first_convolutions(model: Any) -> list[str]:
     """Names of the convolutions that read the model's input with no other convolution before them (each network's
-    first layer), the classic layer to keep f32: their input quantisation spends the 8 bits on the whole pixel
-    range, which crushes a dark, low-contrast product's texture."""
+    first layer), a layer INT8 deployments often keep f32. No model names this rule by default: on Glance's tire
+    model it recovered part of the INT8 loss, measured on the test set (``docs/benchmarks/edge/README.md``, round 5),
+    which is no ground to choose a default on."""
     reached: dict[str, bool] = {}  # op name -> a (non-smoothing) convolution lies between the input and it
     smoothing = set(map_smoothing_convolutions(model))
     names = []
