@@ -45,7 +45,7 @@ def main() -> None:
         ("package+mixed", (), nncf.QuantizationPreset.MIXED),
         ("package+first+mixed", ("first_convolutions",), nncf.QuantizationPreset.MIXED),
     ):
-        scope = int8_ignored_scope(graph, types["ignored_types"], types["tail_types"], tuple(types["rules"]) + extra)
+        scope = int8_ignored_scope(graph, **{**types, "rules": types["rules"] + extra})
         kwargs = {"preset": preset} if preset is not None else {}
         quantized = nncf.quantize(ov.Core().read_model(str(f32)), nncf.Dataset([image[None] for image in calibration]),
                                   subset_size=len(calibration), ignored_scope=scope, **kwargs)

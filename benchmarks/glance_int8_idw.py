@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +43,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import openvino as ov
     from anomalib.data import MVTecAD
 
     from anomalib_dskd.benchmark.detection import auroc, train_and_predict
@@ -52,6 +50,7 @@ def main() -> int:
         export_openvino,
         map_agreement,
         model_int8_types,
+        openvino_latency,
         openvino_outputs,
         openvino_size_mb,
         quantize_int8,
@@ -77,7 +76,6 @@ def main() -> int:
         images = torch.cat([b.image for b in batches]).numpy()
         labels = torch.cat([b.gt_label for b in batches]).numpy().astype(bool)
         calibration = torch.cat([b.image for b in datamodule.train_dataloader()])[:32].numpy()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads}
         fusion = model.model.idw
         for form in ("separable", "dense"):
             model.model.idw = IDWFusion(fusion.image_size, fusion.centers, fusion.power,
@@ -94,14 +92,8 @@ def main() -> int:
             for name, xml in graphs.items():
                 outputs = openvino_outputs(xml, images, threads=args.threads)
                 reference = outputs if reference is None else reference
-                request = ov.Core().compile_model(str(xml), "CPU", config).create_infer_request()
-                times = []
-                for index in range(25):
-                    tick = time.perf_counter()
-                    request.infer({0: images[:1]})
-                    if index >= 5:
-                        times.append((time.perf_counter() - tick) * 1e3)
-                row = {"size_mib": round(openvino_size_mb(xml), 2), "latency_ms": round(statistics.median(times), 2),
+                latency = openvino_latency(xml, size, warmup=5, runs=20, threads=args.threads)
+                row = {"size_mib": round(openvino_size_mb(xml), 2), "latency_ms": round(latency["median"], 2),
                        "image_auroc": round(float(auroc(outputs["pred_score"].reshape(-1), labels)), 4),
                        **{f"map_{k}_vs_f32": round(float(v), 4)
                           for k, v in map_agreement(reference["anomaly_map"], outputs["anomaly_map"]).items()}}

@@ -36,8 +36,7 @@ print("f32", ia._accuracy(ref, labels, masks), flush=True)
 variants = [("int8", None), ("int8_smoothing_f32", nncf.IgnoredScope(names=names))]
 package_scope = model_int8_types(module)  # the package's scope for this model (Int8Export), as anomalib export applies it
 if any(package_scope.values()):
-    variants.append(("int8_package", int8_ignored_scope(
-        model, package_scope["ignored_types"], package_scope["tail_types"], package_scope["rules"])))
+    variants.append(("int8_package", int8_ignored_scope(model, **package_scope)))
 # the elementwise, reduction and MatMul ops of the scoring tail only (no convolution downstream), for every model
 tail = scoring_tail_ops(model, F32_ELEMENTWISE_OPS)
 print("scoring tail kept f32:", len(tail), "ops")

@@ -42,6 +42,7 @@ from anomalib_dskd.models.glance.loss import compactness_loss
 
 from .export_utils import assert_export_parity
 
+
 def shape_size(shape: object) -> int:
     """Number of elements of an OpenVINO static shape."""
     return math.prod(int(dim) for dim in shape)  # type: ignore[union-attr]

@@ -187,7 +187,8 @@ def test_glance_int8_scope_compiles_and_keeps_its_scoring_f32(tmp_path) -> None:
     types = model_int8_types(Glance)
     assert types == {"ignored_types": ("MatMul",), "tail_types": F32_ELEMENTWISE_OPS,
                      "rules": ("batch_splitting_convolutions",)}
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     model = Glance(backbone="mobilenetv2_100", pre_trained=False, teacher_input_size=33,
                    post_processor=PostProcessor(enable_normalization=False), visualizer=False, evaluator=False)

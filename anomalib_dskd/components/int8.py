@@ -215,11 +215,12 @@ INT8_F32_RULES = {"batch_splitting_convolutions": batch_splitting_convolutions, 
 
 
 def int8_ignored_scope(
-    model: Any, types: tuple[str, ...] = (), tail_types: tuple[str, ...] = (), rules: tuple[str, ...] = ()
+    model: Any, ignored_types: tuple[str, ...] = (), tail_types: tuple[str, ...] = (), rules: tuple[str, ...] = ()
 ) -> Any:
-    """``nncf.IgnoredScope``: the map-smoothing ops of ``model`` (:func:`map_smoothing_ops`), every op of ``types``,
-    the ops of ``tail_types`` in the scoring tail (:func:`scoring_tail_ops`) and the ops the named ``rules``
-    (:data:`INT8_F32_RULES`) find."""
+    """``nncf.IgnoredScope``: the map-smoothing ops of ``model`` (:func:`map_smoothing_ops`), every op of
+    ``ignored_types``, the ops of ``tail_types`` in the scoring tail (:func:`scoring_tail_ops`) and the ops the named
+    ``rules`` (:data:`INT8_F32_RULES`) find. The keywords are those of ``benchmark.measure.model_int8_types``, so a
+    model's own scope is ``int8_ignored_scope(graph, **model_int8_types(model))``."""
     import nncf
 
     unknown = sorted(set(rules) - set(INT8_F32_RULES))
@@ -231,7 +232,7 @@ def int8_ignored_scope(
         names |= set(scoring_tail_ops(model, tuple(tail_types)))
     for rule in rules:
         names |= set(INT8_F32_RULES[rule](model))
-    return nncf.IgnoredScope(names=sorted(names), types=list(types), validate=False)
+    return nncf.IgnoredScope(names=sorted(names), types=list(ignored_types), validate=False)
 
 
 class Int8Export:
