@@ -370,6 +370,57 @@ def test_support_memory_scores_and_loads_any_k() -> None:
         PackdModel(backbone=BACKBONE, pre_trained=False, input_size=(SIZE, SIZE), support_score_weight=-1)
 
 
+@pytest.mark.parametrize(("metric", "combine"), [("cosine", "concat"), ("euclidean", "sum"), ("euclidean", "concat")])
+def test_support_memory_metric_and_combine(metric: str, combine: str) -> None:
+    """Euclidean / concatenated memories: brute-force nearest distances, 0 on a support, one map when concatenated."""
+    import torch.nn.functional as F  # noqa: N812
+
+    from anomalib_dskd.models.packd.components.support_memory import SupportMemory
+
+    torch.manual_seed(0)
+    memory = SupportMemory([4, 6], [2, 3], metric=metric, combine=combine)
+    supports = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    memory.set(supports)
+    assert len(memory.banks) == (1 if combine == "concat" else 2)
+    assert memory.banks[0].shape == ((128, 10) if combine == "concat" else (128, 4))
+    own = memory([level[1:] for level in supports])
+    assert all(level_map.abs().max() < 1e-2 for level_map in own)  # sqrt of a rounding residue for euclidean
+    query = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
+    maps = memory(query)
+    assert [tuple(level_map.shape) for level_map in maps] == ([(1, 1, 8, 8)] if combine == "concat" else
+                                                              [(1, 1, 8, 8), (1, 1, 4, 4)])
+    # brute force on one position of the first memory: pooled (and resized / normalised) features
+    pooled = [F.avg_pool2d(level, 3, stride=1, padding=1, count_include_pad=False) for level in query + supports]
+    if metric == "cosine":
+        pooled = [F.normalize(level, dim=1) for level in pooled]
+    if combine == "concat":
+        resized = [F.interpolate(level, size=(8, 8), mode="bilinear") if level.shape[-1] == 4 else level
+                   for level in pooled]
+        if metric == "cosine":
+            resized = [F.normalize(level, dim=1) / 2**0.5 for level in resized]
+        q, s = torch.cat(resized[0:2], 1), torch.cat(resized[2:4], 1)
+    else:
+        q, s = pooled[0], pooled[2]
+    point = q[0, :, 3, 5]
+    candidates = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
+    expected = (1 - (candidates @ point).max()) if metric == "cosine" else (candidates - point).norm(dim=1).min()
+    torch.testing.assert_close(maps[0][0, 0, 3, 5], expected, rtol=1e-4, atol=1e-4)
+    for name, value in (("support_metric", "manhattan"), ("support_combine", "max")):
+        with pytest.raises(ValueError, match=name):
+            SupportMemory([4], [2], **{name.removeprefix("support_"): value})
+
+
+def test_support_memory_options_export(tmp_path: Path) -> None:
+    """A Packd with the Euclidean, concatenated memory exports with ONNX / OpenVINO parity, memory as constants."""
+    from tests.export_utils import assert_export_parity
+
+    torch.manual_seed(0)
+    model = make_model(support_metric="euclidean", support_combine="concat", evaluator=False, post_processor=False)
+    model.model.eval()
+    model.model.set_support(torch.randn(2, 3, SIZE, SIZE))
+    assert_export_parity(model, tmp_path, (SIZE, SIZE))
+
+
 def test_memory_image_score_keeps_the_fused_map() -> None:
     """``image_score="memory"``: the map is the fusion, the image score the maximum of the memory term alone."""
     from anomalib_dskd.components.rd.anomaly_map import upsample_and_sum

@@ -114,6 +114,11 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         support_score_levels: teacher levels of the support memory (1-3 the distilled stages, 4 the
             teacher's next stage). Defaults to ``(2, 3, 4)``, chosen by the leave-one-target-out
             selection of ``docs/models/packd.md`` ("Which score").
+        support_metric: distance of the support memory, ``"cosine"`` (``1 - cos``) or ``"euclidean"``
+            (PatchCore's). Defaults to ``"cosine"``.
+        support_combine: ``"sum"`` (a distance map per memory level, summed) or ``"concat"`` (the levels'
+            features concatenated on the finest grid, one nearest neighbour; PatchCore's). Defaults to
+            ``"sum"``. Both: ``docs/models/packd.md``, "Support memory design".
         score_normalisation: how the distillation and memory maps are put on one scale before they
             are added: ``"none"`` (raw ``1 - cos``), ``"zscore"`` (each divided by its spread on the
             supports' own leave-one-out maps, means removed) or ``"centred"`` (the supports' per-pixel
@@ -159,6 +164,8 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
         attention_dim: int = 64,
         support_score_weight: float = 1.0,
         support_score_levels: Sequence[int] = (2, 3, 4),
+        support_metric: str = "cosine",
+        support_combine: str = "sum",
         score_normalisation: str = "none",
         image_score: str = "memory",
         loss_mode: str = "flatten",
@@ -194,6 +201,8 @@ class Packd(ReverseDistillationDefaults, Int8Export, AnomalibModule):
             attention_dim=attention_dim,
             support_score_weight=support_score_weight,
             support_score_levels=support_score_levels,
+            support_metric=support_metric,
+            support_combine=support_combine,
             score_normalisation=score_normalisation,
             image_score=image_score,
         )

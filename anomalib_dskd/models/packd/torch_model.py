@@ -77,6 +77,8 @@ class PackdModel(nn.Module):
             distillation maps; ``0`` scores with the distillation map alone (the paper's score).
         support_score_levels: teacher levels of the support memory: 1-3 the distilled stages, 4 the
             teacher's next stage (the supports' level 4).
+        support_metric: the memory's distance, ``"cosine"`` or ``"euclidean"`` (``SupportMemory``'s ``metric``).
+        support_combine: ``"sum"`` (a map per level) or ``"concat"`` (``SupportMemory``'s ``combine``).
         score_normalisation: ``"none"`` adds the raw ``1 - cos`` maps; ``"zscore"`` divides the
             distillation map and the memory map by their standard deviation over the supports' own maps
             (each support scored against the others, leave-one-out) and subtracts their means, so each
@@ -107,6 +109,8 @@ class PackdModel(nn.Module):
         attention_dim: int = 64,
         support_score_weight: float = 1.0,
         support_score_levels: Sequence[int] = (2, 3, 4),
+        support_metric: str = "cosine",
+        support_combine: str = "sum",
         score_normalisation: str = "none",
         image_score: str = "memory",
     ) -> None:
@@ -160,7 +164,10 @@ class PackdModel(nn.Module):
         self.decoder = PrototypeConditionedDecoder(architecture.build_decoder(), self.peim, self.peim_levels)
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, sigma)
         self.support_memory = SupportMemory(
-            [self.teacher.channels[level - 1] for level in self.support_score_levels], self.support_score_levels
+            [self.teacher.channels[level - 1] for level in self.support_score_levels],
+            self.support_score_levels,
+            metric=support_metric,
+            combine=support_combine,
         )
         for index in range(len(self.peim_levels)):
             self.register_buffer(f"prototypes_{index}", torch.zeros(num_prototypes, attention_dim))
