@@ -9,6 +9,7 @@ from anomalib_dskd.components.int8 import (
     F32_ELEMENTWISE_OPS,
     Int8Export,
     batch_splitting_convolutions,
+    convolutions_before_batch_splitting,
     first_convolutions,
     int8_ignored_scope,
     map_resampling_matmuls,
@@ -155,6 +156,33 @@ def test_batch_splitting_convolutions_are_those_reshaped_across_the_batch() -> N
         int8_ignored_scope(model, rules=("no_such_rule",))
 
 
+def test_convolutions_before_batch_splitting_are_the_nearest_upstream_ones() -> None:
+    """From a batch-splitting convolution back through any non-convolution op (bias, activation, reshapes) to the
+    first convolution on each path; a convolution further up, or one on another branch, is not taken."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([-1, 3, 6, 6], np.float32, name="image")
+
+    def conv(source: object, channels_in: int, channels_out: int, kernel: int, name: str) -> object:
+        weights = ops.constant(np.ones((channels_out, channels_in, kernel, kernel), dtype=np.float32))
+        node = ops.convolution(source, weights, [1, 1], [0, 0], [0, 0], [1, 1])
+        node.set_friendly_name(name)
+        return node
+
+    first = conv(image, 3, 4, 1, "first")  # (?, 4, 6, 6)
+    penultimate = conv(ops.relu(first), 4, 4, 3, "penultimate")  # (?, 4, 4, 4)
+    moved = ops.reshape(ops.transpose(penultimate, ops.constant(np.array([0, 1, 3, 2]))),
+                        ops.constant(np.array([-1, 4, 4, 4])), special_zero=False)
+    last = conv(ops.add(moved, ops.constant(np.float32(1.0))), 4, 8, 4, "last")  # (?, 8, 1, 1)
+    split = ops.reshape(last, ops.constant(np.array([-1, 2, 1, 1, 8])), special_zero=False)
+    other = conv(image, 3, 2, 1, "other_branch")  # not upstream of the batch-splitting convolution
+    model = ov.Model([split, other], [image])
+    assert batch_splitting_convolutions(model) == ["last"]
+    assert convolutions_before_batch_splitting(model) == ["penultimate"]
+    assert convolutions_before_batch_splitting(_graph()) == []  # no batch-splitting convolution
+
+
 def test_first_convolutions_are_each_networks_first_layer() -> None:
     """The convolutions that read the input with no learned convolution before them (not the map filters)."""
     assert first_convolutions(_graph()) == ["learned_1"]
@@ -175,7 +203,8 @@ def test_first_convolutions_are_each_networks_first_layer() -> None:
 
 def test_glance_int8_scope_compiles_and_keeps_its_scoring_f32(tmp_path) -> None:
     """Glance's scope: every MatMul (the separable IDW products, which the smoothing rule does not catch, and the
-    DAD head), the scoring tail and its two batch-splitting last layers stay f32, and OpenVINO compiles the result
+    DAD head), the scoring tail, its two batch-splitting last layers, the convolutions just before them and the
+    first layers stay f32, and OpenVINO compiles the result
     (at the default 20 x 20 grid, without the rule, OpenVINO 2026.4's low-precision ReshapeTransformation refuses the
     graph; with a 4 x 4 grid it compiles either way, so this test uses the default grid)."""
     import openvino as ov
@@ -186,7 +215,8 @@ def test_glance_int8_scope_compiles_and_keeps_its_scoring_f32(tmp_path) -> None:
 
     types = model_int8_types(Glance)
     assert types == {"ignored_types": ("MatMul",), "tail_types": F32_ELEMENTWISE_OPS,
-                     "rules": ("batch_splitting_convolutions",)}
+                     "rules": ("batch_splitting_convolutions", "convolutions_before_batch_splitting",
+                               "first_convolutions")}
     import torch
 
     torch.manual_seed(0)
@@ -197,6 +227,11 @@ def test_glance_int8_scope_compiles_and_keeps_its_scoring_f32(tmp_path) -> None:
     assert len([op for op in graph.get_ops() if op.get_type_name() == "MatMul"]) >= 3  # the IDW runs in the graph
     last_layers = batch_splitting_convolutions(graph)
     assert len(last_layers) == 2  # Local-Net's and Global-Net's last convolutions, (batch * patches, 128, 1, 1)
+    kernels = {op.get_friendly_name(): tuple(op.input_value(1).get_partial_shape().to_shape())
+               for op in graph.get_ops() if op.get_type_name() == "Convolution"}
+    before = convolutions_before_batch_splitting(graph)
+    assert (256, 256, 2, 2) in {kernels[name] for name in before}  # Local-Net's conv3
+    assert not set(before) & set(last_layers)
     images = np.random.default_rng(0).random((4, 3, 256, 256), dtype=np.float32)
     int8 = quantize_int8(xml, images, tmp_path / "int8", **types)
     request = ov.Core().compile_model(str(int8), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()

@@ -193,10 +193,16 @@ class Glance(Int8Export, AnomalibModule):
     #: the map-smoothing rule does not recognise, and the DAD head), the scoring tail's elementwise arithmetic (the
     #: IAD distance of two networks' features, the standardisation), and the convolutions OpenVINO's
     #: low-precision transformations cannot compile with that tail f32 (``batch_splitting_convolutions``: the last
-    #: layer of each network). Measured: ``docs/benchmarks/edge/README.md``, round 5.
+    #: layer of each network); and, chosen without labels by map fidelity on held-out training images, the
+    #: convolutions just before those (``convolutions_before_batch_splitting``) and each network's first layer
+    #: (``first_convolutions``). Measured: ``docs/benchmarks/edge/README.md``, rounds 5 and 6.
     int8_ignored_types: tuple[str, ...] = ("MatMul",)
     int8_scoring_tail_types: tuple[str, ...] = F32_ELEMENTWISE_OPS
-    int8_f32_rules: tuple[str, ...] = ("batch_splitting_convolutions",)
+    int8_f32_rules: tuple[str, ...] = (
+        "batch_splitting_convolutions",
+        "convolutions_before_batch_splitting",
+        "first_convolutions",
+    )
 
     def __init__(
         self,
