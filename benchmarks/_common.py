@@ -106,3 +106,14 @@ def interleaved_latency(
 def command_line(script: str, args: Any, skip: tuple[str, ...] = ("output",)) -> str:  # noqa: ANN401
     """The command that reproduces a run: ``python <script>`` and every parsed option but ``skip``."""
     return f"python {script} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip)
+
+
+def add_support_draw_args(parser: Any) -> None:  # noqa: ANN401
+    """The few-shot memory benchmarks' shared arguments: k, draws, size, teacher, threads, draw seed."""
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--weights", default="../shared/weights/mobilenet_v2-b0353104.pth")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the support-draw seed (packd_fewshot.py's --seed)")

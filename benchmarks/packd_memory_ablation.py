@@ -32,7 +32,7 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch
-from _common import raw_metrics
+from _common import add_support_draw_args, raw_metrics
 from packd_fewshot import load_test_set
 
 #: memory variants: name -> support_score_levels
@@ -42,13 +42,7 @@ VARIANTS = {"memory-l2": (2,), "memory-l3": (3,), "memory-l23": (2, 3)}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", required=True, metavar="FORMAT:ROOT:CATEGORY")
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--backbone", default="mobilenetv2_100")
-    parser.add_argument("--weights", default="../shared/weights/mobilenet_v2-b0353104.pth")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="the support-draw seed (packd_fewshot.py's --seed)")
+    add_support_draw_args(parser)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["memory-l23"],
                         help="memory levels to score (default: Packd's own, support_score_levels [2, 3])")
     parser.add_argument("--out", type=Path, default=None)

@@ -51,6 +51,7 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch
+from _common import add_support_draw_args
 import torch.nn.functional as F  # noqa: N812
 from packd_fewshot import adapt_patchcore, load_test_set, predict
 
@@ -76,13 +77,7 @@ def design_name(design: dict[str, str]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", default=[], metavar="FORMAT:ROOT:CATEGORY")
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--backbone", default="mobilenetv2_100")
-    parser.add_argument("--weights", default="../shared/weights/mobilenet_v2-b0353104.pth")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="the support-draw seed (packd_fewshot.py's --seed)")
+    add_support_draw_args(parser)
     parser.add_argument("--select", type=Path, nargs="+", default=None,
                         help="result JSONs of this script (together: every target): nested selection")
     parser.add_argument("--selection-out", type=Path, default=None, help="where --select writes its JSON")

@@ -38,6 +38,7 @@ os.environ.setdefault("CI", "true")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
 import torch
+from _common import add_support_draw_args
 from packd_memory_design import distance_maps, image_scores, prepare, teacher_levels
 
 #: the candidates, fixed before this script ran (after the design grid): Packd's default first.
@@ -54,14 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", required=True, metavar="FORMAT:ROOT:CATEGORY")
     parser.add_argument("--grid", type=Path, nargs="+", required=True, help="packd_memory_design.py raw outputs")
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--draws", type=int, default=5)
+    add_support_draw_args(parser)
     parser.add_argument("--synthetic", type=int, default=8, help="corrupted copies per left-out support")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--backbone", default="mobilenetv2_100")
-    parser.add_argument("--weights", default="../shared/weights/mobilenet_v2-b0353104.pth")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="the support-draw seed (as packd_memory_design.py)")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
