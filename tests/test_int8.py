@@ -255,3 +255,43 @@ def test_benchmark_quantisation_takes_each_models_own_scope() -> None:
 def test_int8_ptq_without_a_datamodule_says_what_is_missing() -> None:
     with pytest.raises(ValueError, match="Datamodule must be provided"):
         Int8Export()._post_training_quantization_ov(_graph(), None)
+
+
+def test_int8_ptq_calibrates_on_training_images_too_when_validation_is_small(monkeypatch, caplog) -> None:
+    """Fewer than MIN_CALIBRATION_IMAGES validation images: the training images join the calibration (warned);
+    enough validation images: only those, as anomalib does."""
+    import nncf
+    import torch
+
+    from anomalib_dskd.components import int8
+
+    def loader(images: int) -> object:
+        class Loader(list):
+            dataset = range(images)
+
+        return Loader([{"image": torch.zeros(1, 3, 8, 8)} for _ in range(images)])
+
+    class Data:
+        train_batch_size = 8
+
+        def __init__(self, val: int, train: int) -> None:
+            self.val, self.train = val, train
+
+        def setup(self, stage: str) -> None:
+            pass
+
+        def val_dataloader(self) -> object:
+            return loader(self.val)
+
+        def train_dataloader(self) -> object:
+            return loader(self.train)
+
+    seen = []
+    monkeypatch.setattr(nncf, "quantize", lambda model, dataset, **kwargs: seen.append(
+        sum(1 for _ in dataset.get_inference_data())))
+    with caplog.at_level("WARNING", logger=int8.__name__):
+        Int8Export()._post_training_quantization_ov(_graph(), Data(val=3, train=40))
+    assert seen == [43]
+    assert "training images calibrate too" in caplog.text
+    Int8Export()._post_training_quantization_ov(_graph(), Data(val=int8.MIN_CALIBRATION_IMAGES, train=40))
+    assert seen[-1] == int8.MIN_CALIBRATION_IMAGES
