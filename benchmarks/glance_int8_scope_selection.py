@@ -44,7 +44,13 @@ import numpy as np
 import openvino as ov
 import torch
 
-from anomalib_dskd.benchmark.measure import calibration_images, export_openvino, model_int8_types, openvino_outputs
+from anomalib_dskd.benchmark.measure import (
+    calibration_images,
+    export_openvino,
+    map_agreement,
+    model_int8_types,
+    openvino_outputs,
+)
 from anomalib_dskd.components.int8 import int8_ignored_scope
 
 CANDIDATES = (
@@ -58,14 +64,10 @@ CALIBRATION = 32
 
 def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean per-image map correlation and mean relative image-score error of ``candidate`` against ``reference``."""
-    ref_maps = reference["anomaly_map"].reshape(len(reference["pred_score"].reshape(-1)), -1).astype(np.float64)
-    maps = candidate["anomaly_map"].reshape(ref_maps.shape).astype(np.float64)
-    correlations = [np.corrcoef(a, b)[0, 1] for a, b in zip(ref_maps, maps, strict=True)]
-    ref_scores = reference["pred_score"].reshape(-1).astype(np.float64)
-    scores = candidate["pred_score"].reshape(-1).astype(np.float64)
-    spread = np.ptp(ref_maps) or 1.0
-    return {"map_correlation": float(np.mean(correlations)),
-            "score_error_of_map_range": float(np.mean(np.abs(scores - ref_scores)) / spread)}
+    agreement = map_agreement(reference["anomaly_map"], candidate["anomaly_map"])
+    spread = np.ptp(reference["anomaly_map"]) or 1.0
+    error = np.abs(candidate["pred_score"].astype(np.float64) - reference["pred_score"].astype(np.float64))
+    return {"map_correlation": agreement["pearson_mean"], "score_error_of_map_range": float(np.mean(error) / spread)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     def correlation(name: str) -> float:
         return round(result["candidates"][name]["held_out_fidelity"]["map_correlation"], 3)
 
-    chosen = sorted(result["candidates"], key=lambda name: -correlation(name))[0]
+    chosen = min(result["candidates"], key=lambda name: -correlation(name))  # the first best: ties to the cheaper
     result["chosen_before_greedy"] = chosen
     if args.greedy:
         base_scope, preset = scopes[chosen]
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             scope = nncf.IgnoredScope(names=sorted(kept | set(ranking[:count])), types=list(base_scope.types),
                                       validate=False)
             quantise(f"{chosen}+top{count}", scope, preset)
-        chosen = sorted(result["candidates"], key=lambda name: (-correlation(name), name.count("+")))[0]
+        chosen = min(result["candidates"], key=lambda name: (-correlation(name), name.count("+")))
     result["chosen"] = chosen
     result["chosen_test_change"] = {key: result["candidates"][chosen]["test_for_information"][key] - value
                                     for key, value in result["f32_test"].items()}

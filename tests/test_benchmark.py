@@ -428,3 +428,20 @@ def test_grid_resume_and_failing_cell(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "RdBroken" in markdown and "**failed**" in markdown
     meta = json.loads((output / "run.json").read_text())
     assert len(meta["runs"]) == 2 and meta["environment"]["versions"]["anomalib"]
+
+
+def test_map_agreement_per_image_and_overall() -> None:
+    """Per-image Pearson: the worst and the mean image; one image inverted gives -1 and a mean of 0 over two."""
+    import numpy as np
+
+    from anomalib_dskd.benchmark.measure import map_agreement
+
+    maps = np.random.default_rng(0).random((2, 1, 8, 8))
+    same = map_agreement(maps, maps)
+    assert same["pearson"] == pytest.approx(1.0) and same["pearson_min"] == pytest.approx(1.0)
+    assert same["pearson_mean"] == pytest.approx(1.0) and same["max_abs_rel"] == 0.0
+    flipped = maps.copy()
+    flipped[1] = -flipped[1]
+    agreement = map_agreement(maps, flipped)
+    assert agreement["pearson_min"] == pytest.approx(-1.0)
+    assert agreement["pearson_mean"] == pytest.approx(0.0, abs=1e-12)

@@ -266,8 +266,8 @@ def map_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """How far ``other`` maps are from ``reference`` maps (e.g. INT8 vs f32), per image and overall.
 
     Returns:
-        ``pearson`` (over all pixels of all images), ``pearson_min`` (the worst image's), and
-        ``max_abs_rel`` (the largest absolute difference over the reference's value range).
+        ``pearson`` (over all pixels of all images), ``pearson_min`` (the worst image's), ``pearson_mean`` (the
+        mean of the images'), and ``max_abs_rel`` (the largest absolute difference over the reference's value range).
     """
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     oth = np.asarray(other, dtype=np.float64).reshape(len(other), -1)
@@ -278,9 +278,11 @@ def map_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
         return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
     span = float(ref.max() - ref.min()) or 1.0
+    per_image = [pearson(a, b) for a, b in zip(ref, oth, strict=True)]
     return {
         "pearson": pearson(ref.reshape(-1), oth.reshape(-1)),
-        "pearson_min": min(pearson(a, b) for a, b in zip(ref, oth, strict=True)),
+        "pearson_min": min(per_image),
+        "pearson_mean": float(np.mean(per_image)),
         "max_abs_rel": float(np.abs(ref - oth).max() / span),
     }
 
